@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_prep.build import embedded_corpus, iter_chunks  # noqa: E402
-from data_prep.sources import iter_source, parse_spec  # noqa: E402
+from data_prep.sources import iter_documents, parse_spec  # noqa: E402
 from data_prep.wikitext import WikiCleaner  # noqa: E402
 
 WORDS_FULL_CORPUS = 3.3e9  # English Wikipedia (~2.5 B words) + BookCorpus (~0.8 B words)
@@ -33,7 +33,7 @@ WIKI_SHARE = 2.5 / 3.3
 
 def cleaned_articles(spec: str) -> list[str]:
     out, cleaners = [], {}
-    for ev in iter_source(parse_spec(spec)):
+    for ev in iter_documents(parse_spec(spec)):
         if ev[0] == "doc":
             wiki = ev[5]
             out.append(cleaners.setdefault(wiki, WikiCleaner(set(wiki))).clean(ev[2]))
@@ -131,7 +131,7 @@ def main() -> None:
             pass
         reader_text = mb / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        markup = sum(len(c[1].encode()) for ch in iter_chunks([parse_spec(wiki)]) for c in ch["items"])
+        markup = sum(len(c[2]) for ch in iter_chunks([parse_spec(wiki)]) for c in ch["items"])
         reader_wiki = markup / 1e6 / (time.perf_counter() - t0)
         tw, rssw = run_build(["--source", wiki, "--out", str(tmp / "ow"), "--workers", "2"], env)
         mw = json.loads((tmp / "ow" / "manifest.json").read_text())

@@ -30,7 +30,8 @@ import numpy as np
 
 from .files import atomic_write_json, sha256_file
 from .pack import BOUNDARY_FORMAT, SplitPacker, token_dtype
-from .sources import DataPrepError, SourceSpec, iter_source, parse_spec
+from .sources import DataPrepError, SourceSpec, iter_source, parse_spec, wiki_page
+from .wikitext import WikiCleaner
 from .tokenizer import check_tokenizer, load_saved, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -100,18 +101,18 @@ class BuildArgs:
 # ------------------------------------------------------------------ chunks and workers
 
 def iter_chunks(specs: list[SourceSpec]) -> Iterator[dict]:
-    """Fixed-size chunks of document pieces, each from one source, with the reader's counts."""
+    """Fixed-size chunks of reader events (document pieces, dump pages), each chunk from one
+    source, with the reader's counts."""
     index = 0
     for s, spec in enumerate(specs):
         items: list[tuple] = []
         stats: Counter = Counter()
         chars = 0
         for ev in iter_source(spec):
-            if ev[0] == "doc":
-                _, key, text, first, last, wiki = ev
-                items.append((key, text, first, last, wiki))
-                chars += len(text)
-                if first:
+            if ev[0] in ("doc", "page"):
+                items.append(ev)
+                chars += len(ev[2])
+                if ev[0] == "page" or ev[3]:  # a page, or a document's first piece
                     stats["documents_read"] += 1
             elif ev[0] == "skip":
                 stats["documents_read"] += 1
@@ -135,9 +136,8 @@ def _init_worker(tokenizer_json: str, seed: int, val_fraction: float, tokenize: 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    from .wikitext import WikiCleaner
     _worker.update(tokenizer=Tokenizer.from_file(tokenizer_json) if tokenize else None, seed=seed,
-                   val_fraction=val_fraction, cleaners={}, WikiCleaner=WikiCleaner, dtype=dtype)
+                   val_fraction=val_fraction, cleaners={}, dtype=dtype)
 
 
 def is_validation(key: str, seed: int, val_fraction: float) -> bool:
@@ -145,34 +145,42 @@ def is_validation(key: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "big") < val_fraction * 2.0 ** 64
 
 
-def _clean_texts(items) -> list[str]:
-    texts = []
-    for key, text, first, last, wiki in items:
-        if wiki is not None:
-            cleaner = _worker["cleaners"].get(wiki)
-            if cleaner is None:
-                cleaner = _worker["cleaners"][wiki] = _worker["WikiCleaner"](set(wiki))
-            text = cleaner.clean(text)
-        texts.append(text)
-    return texts
+def _documents(chunk: dict) -> tuple[list[tuple], list[str], Counter]:
+    """A chunk's document pieces (key, first, last) and their clean texts; pages are parsed
+    here, and what that skips or repairs is counted."""
+    stats = Counter(chunk["stats"])
+    docs, texts = [], []
+    for item in chunk["items"]:
+        for ev in (wiki_page(*item[1:]) if item[0] == "page" else (item,)):
+            if ev[0] != "doc":
+                stats[f"{ev[0]}:{ev[1]}"] += 1
+                continue
+            _, key, text, first, last, wiki = ev
+            if wiki is not None:
+                cleaner = _worker["cleaners"].get(wiki)
+                if cleaner is None:
+                    cleaner = _worker["cleaners"][wiki] = WikiCleaner(set(wiki))
+                text = cleaner.clean(text)
+            docs.append((key, first, last))
+            texts.append(text)
+    return docs, texts, stats
 
 
 def process_chunk(chunk: dict) -> dict:
     """Worker: clean and tokenize one chunk. Returns per piece (is_validation, ids, first, last)."""
-    texts = _clean_texts(chunk["items"])
+    docs, texts, stats = _documents(chunk)
     encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False)
     pieces = []
-    for (key, _, first, last, _), enc in zip(chunk["items"], encodings):
+    for (key, first, last), enc in zip(docs, encodings):
         val = is_validation(key, _worker["seed"], _worker["val_fraction"])
         pieces.append((val, np.array(enc.ids, dtype=_worker["dtype"]), first, last))
-    return {"index": chunk["index"], "source": chunk["source"], "pieces": pieces,
-            "stats": chunk["stats"]}
+    return {"index": chunk["index"], "source": chunk["source"], "pieces": pieces, "stats": stats}
 
 
 def clean_chunk(chunk: dict) -> list[str]:
     """Worker: the cleaned train-split texts of one chunk (for training a vocabulary)."""
-    texts = _clean_texts(chunk["items"])
-    return [t for (key, *_), t in zip(chunk["items"], texts)
+    docs, texts, _ = _documents(chunk)
+    return [t for (key, *_), t in zip(docs, texts)
             if not is_validation(key, _worker["seed"], _worker["val_fraction"])]
 
 
@@ -184,7 +192,9 @@ def run_ordered(fn, chunks: Iterator[dict], workers: int, init_args: tuple) -> I
         for c in chunks:
             yield fn(c)
         return
-    ctx = mp.get_context("spawn")
+    # fork: workers inherit the imported modules (no start-up cost) and callers need no
+    # `if __name__ == "__main__"` guard; the workers touch no thread-owned state of the parent.
+    ctx = mp.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=init_args) as pool:
         window: deque = deque()

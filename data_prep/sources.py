@@ -5,6 +5,8 @@
                                            when the text is wiki markup still to be cleaned
     ("skip", reason)                  a document that was read and dropped
     ("fix", reason)                   the document being read was repaired (decoding, NUL bytes)
+    ("page", dump, xml, non_prose)    one raw <page> block of a MediaWiki dump: wiki_page turns it
+                                      into the events above (in a worker)
 
 Readers run in the main process and only read and decode; wiki markup cleaning and tokenization
 happen in the worker processes. Nothing here holds more than one document (or one piece of a
@@ -63,6 +65,15 @@ def iter_source(src: SourceSpec) -> Iterator[tuple]:
             yield from _jsonl_file(path, src.target)
     else:
         yield from _hf_dataset(src)
+
+
+def iter_documents(src: SourceSpec) -> Iterator[tuple]:
+    """iter_source with dump pages parsed: doc, skip and fix events only."""
+    for ev in iter_source(src):
+        if ev[0] == "page":
+            yield from wiki_page(*ev[1:])
+        else:
+            yield ev
 
 
 def _is_wiki_dump(p: Path) -> bool:
@@ -289,11 +300,11 @@ def _open_dump(path: Path):
 
 
 def _wiki_dump(path: Path) -> Iterator[tuple]:
-    """Split the dump into <page> blocks line by line and parse each block on its own, so that a
-    malformed page is skipped instead of ending the whole dump."""
+    """Split the dump into <page> blocks line by line; each block is parsed on its own (in a
+    worker, by wiki_page), so a malformed page is skipped instead of ending the whole dump."""
     try:
         f = _open_dump(path)
-        namespaces: dict[str, str] = {}
+        non_prose: tuple[str, ...] = ()
         siteinfo: list[bytes] | None = None
         page: list[bytes] | None = None
         with f:
@@ -302,7 +313,7 @@ def _wiki_dump(path: Path) -> Iterator[tuple]:
                 if page is not None:
                     page.append(line)
                     if stripped == b"</page>":
-                        yield from _wiki_page(b"".join(page), path, namespaces)
+                        yield ("page", path.name, b"".join(page), non_prose)
                         page = None
                     elif stripped == b"<page>":  # the previous page never closed
                         yield ("skip", "malformed_page")
@@ -314,7 +325,7 @@ def _wiki_dump(path: Path) -> Iterator[tuple]:
                 elif siteinfo is not None:
                     siteinfo.append(line)
                     if stripped == b"</siteinfo>":
-                        namespaces = _namespaces(b"".join(siteinfo))
+                        non_prose = wiki_non_prose(_namespaces(b"".join(siteinfo)))
                         siteinfo = None
             if page is not None:
                 yield ("skip", "malformed_page")  # the file ends inside a page
@@ -333,11 +344,12 @@ def _namespaces(xml: bytes) -> dict[str, str]:
     return {ns.get("key"): (ns.text or "") for ns in root.iter() if ns.tag.endswith("namespace")}
 
 
-def wiki_non_prose(namespaces: dict[str, str]) -> list[str]:
-    return [namespaces[k] for k in ("6", "14") if namespaces.get(k)]
+def wiki_non_prose(namespaces: dict[str, str]) -> tuple[str, ...]:
+    return tuple(namespaces[k] for k in ("6", "14") if namespaces.get(k))
 
 
-def _wiki_page(xml: bytes, path: Path, namespaces: dict[str, str]) -> Iterator[tuple]:
+def wiki_page(dump_name: str, xml: bytes, non_prose: tuple[str, ...]) -> Iterator[tuple]:
+    """The events of one <page> block (parsed in a worker: XML parsing is half the reader's cost)."""
     dec = CountingDecoder()
     try:
         page = ET.fromstring(dec.decode(xml, final=True))
@@ -363,7 +375,7 @@ def _wiki_page(xml: bytes, path: Path, namespaces: dict[str, str]) -> Iterator[t
     if not text.strip():
         yield ("skip", "empty")
         return
-    key = f"{path.name}#{page.findtext('id') or title}"
-    # One piece: markup must be cleaned whole. The worker needs the dump's namespace names.
-    yield ("doc", key, text, True, True, tuple(wiki_non_prose(namespaces)))
+    key = f"{dump_name}#{page.findtext('id') or title}"
+    # One piece: markup must be cleaned whole, with the dump's own namespace names.
+    yield ("doc", key, text, True, True, non_prose)
     yield from dec.fixes()

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, run_cli, tree_bytes
 from data_prep.build import BuildArgs, build, is_validation
-from data_prep.sources import iter_source, parse_spec
+from data_prep.sources import iter_documents, parse_spec
 from data_prep.wikitext import WikiCleaner
 
 
@@ -24,7 +24,7 @@ from data_prep.wikitext import WikiCleaner
 def clean_documents(spec: str) -> list[tuple[str, str]]:
     """(key, cleaned text) of every document the reader yields, in order (pieces joined)."""
     docs, cleaners = [], {}
-    for ev in iter_source(parse_spec(spec)):
+    for ev in iter_documents(parse_spec(spec)):
         if ev[0] != "doc":
             continue
         _, key, text, first, last, wiki = ev
@@ -229,10 +229,10 @@ def test_kill_and_resume_is_byte_identical(tmp_path, wiki_build):
     env = dict(os.environ, PYTHONPATH=str(ROOT), DATA_PREP_CHECKPOINT_SECONDS="0.3")
     rng = random.Random(1)
     kills = 0
-    for attempt in range(6):
+    for attempt in range(10):
         p = subprocess.Popen([sys.executable, *a], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, start_new_session=True)
-        time.sleep(rng.uniform(1.5, 6.0))
+        time.sleep(rng.uniform(0.8, 3.0))
         if p.poll() is not None:
             break
         os.killpg(p.pid, signal.SIGKILL)  # the build and its workers, mid-write
