@@ -1,0 +1,107 @@
+"""Hugging Face format: load BERT checkpoints into our model, export ours so that
+transformers.AutoModelForMaskedLM.from_pretrained loads it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .model import BertConfig, BertForMLM
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def hf_config_dict(c: BertConfig) -> dict:
+    uniform = len(set(c.heads)) == 1 and len(set(c.ffn)) == 1 and c.heads[0] * c.head_size == c.hidden_size
+    d = {
+        "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.heads[0], "intermediate_size": c.ffn[0], "hidden_act": "gelu",
+        "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attention_dropout,
+        "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size,
+        "initializer_range": c.initializer_range, "layer_norm_eps": c.layer_norm_eps,
+        "pad_token_id": 0, "tie_word_embeddings": True,
+    }
+    if not uniform:  # per-layer sizes: see pipeline/hf_pruned.py (registered with transformers)
+        d.update(model_type="earlybert", architectures=["EarlyBertForMaskedLM"],
+                 earlybert_heads=list(c.heads), earlybert_ffn=list(c.ffn), earlybert_head_size=c.head_size)
+    return d
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").exists():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def load_pretrained(directory: Path | str, **overrides) -> BertForMLM:
+    """A `bert-*` checkpoint directory (BertForMaskedLM, BertForPreTraining or BertModel keys).
+    A missing MLM head is freshly initialised."""
+    directory = Path(directory)
+    config = BertConfig.from_json(directory / "config.json", **overrides)
+    model = BertForMLM(config)
+    theirs = read_state_dict(directory)
+    ours = model.state_dict()
+    mapped = {}
+    for k, v in theirs.items():
+        name = k if k.startswith(("bert.", "cls.")) else "bert." + k
+        if name in ours:
+            mapped[name] = v
+    missing = [k for k in ours if k not in mapped and not k.startswith("cls.") and not k.endswith("_gates")]
+    if missing:
+        raise ValueError(f"{directory}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for k, v in mapped.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(f"{directory}: {k} has shape {tuple(v.shape)}, the config says {tuple(ours[k].shape)}")
+    if "cls.predictions.decoder.weight" not in mapped:  # tied to the word embeddings
+        mapped["cls.predictions.decoder.weight"] = mapped["bert.embeddings.word_embeddings.weight"]
+    model.load_state_dict(mapped, strict=False)
+    return model
+
+
+def folded_state_dict(model: BertForMLM) -> dict[str, torch.Tensor]:
+    """The weights with every gate folded into the layer that follows it, gates dropped: the
+    result computes exactly what the gated model computes."""
+    sd = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+          for k, v in model.state_dict().items()}
+    c = model.config
+    for i in range(c.num_layers):
+        pre = f"bert.encoder.layer.{i}."
+        hg = sd.pop(pre + "attention.self.head_gates", None)
+        if hg is not None:
+            cols = hg.repeat_interleave(c.head_size)
+            sd[pre + "attention.output.dense.weight"] *= cols[None, :]
+        fg = sd.pop(pre + "intermediate.ffn_gates", None)
+        if fg is not None:
+            sd[pre + "output.dense.weight"] *= fg[None, :]
+    return sd
+
+
+def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
+           state_dict: dict | None = None) -> None:
+    """Writes OUT (model.safetensors, config.json, tokenizer) through a temporary directory."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = state_dict if state_dict is not None else folded_state_dict(model)
+    # safetensors refuses shared storage: the decoder weight is tied to the word embeddings.
+    sd = {k: v.contiguous() for k, v in sd.items() if k not in ("cls.predictions.decoder.weight",
+                                                              "cls.predictions.decoder.bias")}
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

@@ -1,0 +1,331 @@
+"""A gating-aware BERT for masked-language-model pre-training, read top to bottom.
+
+Parameter names are exactly those of transformers' BertForMaskedLM, so weights convert both
+ways. Every layer may have its own number of heads (head size fixed) and its own FFN width:
+that is what EarlyBERT pruning leaves. Optional gates (EarlyBERT's searching stage): one scalar
+per attention head, scaling that head's context before the output projection, and one per FFN
+neuron, scaling the activation after GELU. Attention stays inside each packed document.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS = {  # layers, hidden, heads (FFN = 4 x hidden)
+    "bert-tiny": (2, 128, 2), "bert-mini": (4, 256, 4), "bert-small": (4, 512, 8),
+    "bert-medium": (8, 512, 8), "bert-base": (12, 768, 12), "bert-large": (24, 1024, 16),
+}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    heads: list[int] = field(default_factory=lambda: [12] * 12)  # per layer
+    ffn: list[int] = field(default_factory=lambda: [3072] * 12)  # per layer
+    head_size: int = 64
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    gates: bool = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads)
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> "BertConfig":
+        layers, hidden, heads = PRESETS[name]
+        return cls(hidden_size=hidden, heads=[heads] * layers, ffn=[4 * hidden] * layers,
+                   head_size=hidden // heads, **kw)
+
+    @classmethod
+    def from_json(cls, path: Path | str, **kw) -> "BertConfig":
+        """Our own format (per-layer `heads` and `ffn` lists), or a Hugging Face BERT config."""
+        d = json.loads(Path(path).read_text())
+        if "num_hidden_layers" in d:  # Hugging Face BertConfig
+            n, hidden, h = d["num_hidden_layers"], d["hidden_size"], d["num_attention_heads"]
+            d = {"vocab_size": d["vocab_size"], "hidden_size": hidden,
+                 "heads": d.get("earlybert_heads", [h] * n),
+                 "ffn": d.get("earlybert_ffn", [d["intermediate_size"]] * n),
+                 "head_size": d.get("earlybert_head_size", hidden // h),
+                 "max_position_embeddings": d["max_position_embeddings"],
+                 "type_vocab_size": d["type_vocab_size"], "layer_norm_eps": d["layer_norm_eps"],
+                 "dropout": d["hidden_dropout_prob"],
+                 "attention_dropout": d["attention_probs_dropout_prob"],
+                 "initializer_range": d["initializer_range"]}
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown model config fields {sorted(unknown)}")
+        d.update(kw)
+        cfg = cls(**d)
+        cfg.check(str(path))
+        return cfg
+
+    def check(self, where: str = "model config") -> None:
+        if len(self.heads) != len(self.ffn) or not self.heads:
+            raise ValueError(f"{where}: `heads` and `ffn` need one entry per layer "
+                             f"(got {len(self.heads)} and {len(self.ffn)})")
+        if min(self.heads) < 1 or min(self.ffn) < 1:
+            raise ValueError(f"{where}: every layer needs at least one head and one FFN neuron")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] boolean: query i may attend key j iff both lie in the same document."""
+    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+
+def cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative document lengths over the flattened batch, for variable-length attention."""
+    B, L = segment_ids.shape
+    flat = (segment_ids + torch.arange(B, device=segment_ids.device)[:, None] * L).reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    idx = torch.nonzero(starts).squeeze(1)
+    cu = torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _varlen_attention():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn
+    except ImportError:
+        return None
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, input_ids, token_type_ids=None):
+        L = input_ids.shape[1]
+        pos = torch.arange(L, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: BertConfig, heads: int):
+        super().__init__()
+        self.heads, self.head_size = heads, c.head_size
+        width = heads * c.head_size
+        self.query = nn.Linear(c.hidden_size, width)
+        self.key = nn.Linear(c.hidden_size, width)
+        self.value = nn.Linear(c.hidden_size, width)
+        self.dropout_p = c.attention_dropout
+        # EarlyBERT: one gate per head, scaling the head's context (fp32, no weight decay).
+        self.head_gates = nn.Parameter(torch.ones(heads)) if c.gates else None
+
+    def forward(self, x, segment_ids, mask):
+        B, L, _ = x.shape
+        q, k, v = (lin(x).view(B, L, self.heads, self.head_size) for lin in (self.query, self.key, self.value))
+        p = self.dropout_p if self.training else 0.0
+        if mask is None:  # CUDA: variable-length flash attention over the documents
+            cu, longest = segment_ids
+            ctx = VARLEN(q.reshape(B * L, self.heads, self.head_size), k.reshape(B * L, self.heads, self.head_size),
+                         v.reshape(B * L, self.heads, self.head_size), cu, cu, longest, longest)
+            ctx = ctx.view(B, L, self.heads, self.head_size)
+        else:
+            ctx = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, dropout_p=p).transpose(1, 2)
+        if self.head_gates is not None:
+            ctx = ctx * self.head_gates.to(ctx.dtype)[:, None]
+        return ctx.reshape(B, L, self.heads * self.head_size)
+
+
+VARLEN = _varlen_attention()
+
+
+class SelfOutput(nn.Module):
+    def __init__(self, c: BertConfig, width: int):
+        super().__init__()
+        self.dense = nn.Linear(width, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: BertConfig, heads: int):
+        super().__init__()
+        self.self = SelfAttention(c, heads)
+        self.output = SelfOutput(c, heads * c.head_size)
+
+    def forward(self, x, segment_ids, mask):
+        return self.output(self.self(x, segment_ids, mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c: BertConfig, ffn: int):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, ffn)
+        # EarlyBERT: one gate per FFN neuron, after GELU (fp32, no weight decay).
+        self.ffn_gates = nn.Parameter(torch.ones(ffn)) if c.gates else None
+
+    def forward(self, x):
+        h = F.gelu(self.dense(x))
+        return h * self.ffn_gates.to(h.dtype) if self.ffn_gates is not None else h
+
+
+class Layer(nn.Module):
+    def __init__(self, c: BertConfig, heads: int, ffn: int):
+        super().__init__()
+        self.attention = Attention(c, heads)
+        self.intermediate = Intermediate(c, ffn)
+        self.output = SelfOutput(c, ffn)
+
+    def forward(self, x, segment_ids, mask):
+        x = self.attention(x, segment_ids, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(c, h, f) for h, f in zip(c.heads, c.ffn))
+
+
+class Bert(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.embeddings = Embeddings(c)
+        self.encoder = Encoder(c)
+
+
+class PredictionTransform(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class Predictions(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.transform = PredictionTransform(c)
+        self.decoder = nn.Linear(c.hidden_size, c.vocab_size)
+        self.bias = self.decoder.bias  # the same Parameter, as in transformers
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.predictions = Predictions(c)
+
+
+class BertForMLM(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        config.check()
+        self.config = config
+        self.bert = Bert(config)
+        self.cls = MLMHead(config)
+        self.apply(self._init)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
+
+    def _init(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def encode(self, input_ids, segment_ids=None, attention_mask=None):
+        """Hidden states [B, L, H]. segment_ids keep attention inside each packed document;
+        without them, attention_mask (1 = token, 0 = padding) works as in transformers."""
+        x = self.bert.embeddings(input_ids)
+        use_varlen = VARLEN is not None and x.is_cuda and segment_ids is not None \
+            and x.dtype in (torch.float16, torch.bfloat16)
+        if use_varlen:
+            segs, mask = cu_seqlens(segment_ids), None
+        else:
+            segs = segment_ids
+            if segment_ids is not None:
+                mask = document_mask(segment_ids)
+            elif attention_mask is not None:
+                mask = attention_mask[:, None, None, :].bool()
+            else:
+                mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
+        for layer in self.bert.encoder.layer:
+            x = layer(x, segs, mask)
+        return x
+
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, labels=None):
+        """With labels: (loss, number of predictions, number correct), the MLM head run on the
+        masked positions only. Without: logits for every position."""
+        h = self.encode(input_ids, segment_ids, attention_mask)
+        if labels is None:
+            return self.cls.predictions(h)
+        where = labels != -100
+        logits = self.cls.predictions(h[where])
+        target = labels[where]
+        loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(target.numel(), 1)
+        correct = (logits.argmax(-1) == target).sum()
+        return loss, target.numel(), correct
+
+    # -- EarlyBERT gates
+    def gates(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n.endswith("_gates")]
+
+    def l1_penalty(self) -> torch.Tensor:
+        return sum(g.abs().sum() for g in self.gates())
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no weight decay on biases, LayerNorm and gates (EARLYBERT.md)."""
+        decay, no_decay, seen = [], [], set()
+        for n, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or n.endswith("_gates") else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= sum(p.numel() for p in self.bert.embeddings.parameters())
+        return n
+
+    def flops_per_sequence(self, seq_len: int, masked: float) -> float:
+        """Training FLOPs (forward + backward = 3 x forward) of one sequence: matmuls of the
+        encoder, attention scores over the full length, the MLM head on the masked fraction."""
+        c = self.config
+        per_token = sum(2 * c.hidden_size * (3 * h * c.head_size) + 2 * h * c.head_size * c.hidden_size
+                        + 4 * c.hidden_size * f + 4 * seq_len * h * c.head_size
+                        for h, f in zip(c.heads, c.ffn))
+        head = masked * (2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.vocab_size)
+        return 3.0 * seq_len * (per_token + head)
