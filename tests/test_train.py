@@ -1,0 +1,245 @@
+"""pipeline/train.py end to end on CPU: ZeRO 1/2/3 with 1 and 2 ranks in bf16, exact resume after
+kill -9 (2 ranks, ZeRO-2, fp32), signals, the NaN guard, export, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from data_prep.build import BuildArgs, build
+
+TRAIN = str(ROOT / "pipeline" / "train.py")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, wiki_dump):
+    """Real text (the gensim Wikipedia dump) with a trained 1000-token vocabulary, 64 tokens."""
+    out = tmp_path_factory.mktemp("train_data") / "data"
+    build(BuildArgs(out=out, sources=[f"wikipedia:{wiki_dump}"], vocab_size=1000, seq_len=64,
+                    workers=2, val_fraction=0.05))
+    return out
+
+
+def ds_config(tmp_path: Path, base: str, **changes) -> Path:
+    cfg = json.loads((ROOT / "ds_configs" / base).read_text())
+    cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 3
+    cfg["optimizer"]["params"]["lr"] = cfg["scheduler"]["params"]["warmup_max_lr"] = 1e-3
+    for k, v in changes.items():
+        cfg[k] = v
+    path = tmp_path / f"ds_{base}"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train_cmd(ranks: int, launcher: str = "torchrun") -> list[str]:
+    if ranks == 1:
+        return [sys.executable, TRAIN]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
+                "--master_port", str(29500 + os.getpid() % 1000), TRAIN]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_port", str(29500 + os.getpid() % 1000), TRAIN]
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+
+
+def run_train(cmd, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps(run: Path) -> list[dict]:
+    return [r for r in metrics(run) if "loss" in r]
+
+
+@pytest.mark.parametrize("stage,ranks", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)])
+def test_zero_stages_bf16(tmp_path, small_data, stage, ranks):
+    cfg = ds_config(tmp_path, f"zero{stage}_bf16.json")
+    run = tmp_path / "run"
+    launcher = "deepspeed" if (stage, ranks) == (2, 2) else "torchrun"
+    r = run_train(train_cmd(ranks, launcher), "--deepspeed_config", cfg, "--data", small_data,
+                  "--run_dir", run, "--model", "bert-tiny", "--max_steps", 6, "--eval_every", 3,
+                  "--checkpoint_every", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = steps(run)
+    assert [x["step"] for x in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(x["phase"] == "dense" and x["tokens_per_s"] > 0 for x in rows)
+    assert rows[-1]["tokens"] == 6 * 4 * 2 * ranks * 64  # no padding in the train split here
+    assert rows[-1]["samples"] == 6 * 4 * 2 * ranks
+    vals = [x for x in metrics(run) if "val_loss" in x]
+    assert [v["step"] for v in vals] == [3, 6] and 0 <= vals[-1]["val_accuracy"] <= 1
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    hf = AutoModelForMaskedLM.from_pretrained(str(run / "final"))
+    tok = AutoTokenizer.from_pretrained(str(run / "final"))
+    out = hf(**tok(["the history of the world"], return_tensors="pt")).logits
+    assert torch.isfinite(out).all() and out.shape[-1] == 1000
+    again = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
+                      "--model", "bert-tiny", "--max_steps", 6)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_exact_resume_after_kill_two_ranks_zero2(tmp_path, small_data):
+    cfg = ds_config(tmp_path, "cpu.json", train_micro_batch_size_per_gpu=16)
+    args = ["--deepspeed_config", cfg, "--data", small_data, "--model", "bert-tiny",
+            "--max_steps", 24, "--dropout", 0, "--checkpoint_every", 4, "--eval_every", 0]
+    ref = tmp_path / "ref"
+    r = run_train(train_cmd(2), *args, "--run_dir", ref)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "killed"
+    p = subprocess.Popen([*train_cmd(2), *map(str, args), "--run_dir", str(run)], cwd=ROOT, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len(steps(run)) >= 10:
+            break
+        time.sleep(0.05)
+    import psutil  # torchrun puts its workers in sessions of their own: kill the whole tree
+    tree = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)  # launcher and both ranks, between checkpoints
+    p.wait()
+    time.sleep(0.5)
+    assert 10 <= len(steps(run)) < 24 and not (run / "finished.json").exists()
+    r = run_train(train_cmd(2), *args, "--run_dir", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step-00000" in r.stderr
+    a, b = steps(ref), steps(run)
+    assert [x["step"] for x in b] == list(range(1, 25))  # every step once
+    for x, y in zip(a, b):
+        assert x["samples"] == y["samples"] and x["lr"] == y["lr"] and x["tokens"] == y["tokens"]
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
+
+
+def test_sigterm_checkpoints_and_exits_75(tmp_path, small_data):
+    cfg = ds_config(tmp_path, "cpu.json")
+    run = tmp_path / "run"
+    args = [*train_cmd(1), "--deepspeed_config", str(cfg), "--data", str(small_data), "--run_dir",
+            str(run), "--model", "bert-tiny", "--max_steps", "400", "--checkpoint_every", "1000"]
+    p = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    while not (run / "metrics.jsonl").exists() or len(steps(run)) < 3:
+        time.sleep(0.2)
+        assert p.poll() is None
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 75, err[-2000:]
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == steps(run)[-1]["step"] >= 3
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
+                  "--model", "bert-tiny", "--max_steps", latest["step"] + 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [x["step"] for x in steps(run)] == list(range(1, latest["step"] + 3))
+    # --max_time: stops with a checkpoint before the budget runs out.
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir",
+                  tmp_path / "timed", "--model", "bert-tiny", "--max_steps", 10000, "--max_time", 20)
+    assert r.returncode == 75 and (tmp_path / "timed" / "checkpoints" / "latest.json").exists()
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, small_data):
+    cfg = ds_config(tmp_path, "cpu.json", gradient_clipping=0.0)
+    c = json.loads(cfg.read_text())
+    c["optimizer"]["params"]["lr"] = c["scheduler"]["params"]["warmup_max_lr"] = 1e6
+    c["scheduler"]["params"]["warmup_num_steps"] = 1
+    cfg.write_text(json.dumps(c))
+    run = tmp_path / "run"
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
+                  "--model", "bert-tiny", "--max_steps", 50, "--checkpoint_every", 1000)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "the loss is" in r.stderr and "at step" in r.stderr
+    bad = metrics(run)[-1]
+    assert bad.get("nonfinite") and not torch.isfinite(torch.tensor(bad["loss"]))
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == bad["step"] - 1
+    from safetensors.torch import load_file  # noqa: F401  (the checkpoint is DeepSpeed's)
+    states = list((run / "checkpoints" / latest["tag"]).glob("*model_states.pt"))
+    sd = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def test_init_from_real_bert(tmp_path, bert_vocab):
+    """--init_from a Hugging Face BERT directory, on data with that BERT's vocabulary."""
+    data = tmp_path / "data"
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("The history of the world is long. " * 400)
+    build(BuildArgs(out=data, sources=[f"text:{text}"], workers=1, val_fraction=0.0))
+    cfg = ds_config(tmp_path, "cpu.json")
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", data, "--run_dir", tmp_path / "run",
+                  "--model", "bert-base", "--init_from", bert_vocab.parent, "--max_steps", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["num_hidden_layers"] == 6
+
+
+# ------------------------------------------------------------------ bad input
+
+def bad(tmp_path, small_data, *extra, data=None, cfg=None, run=None):
+    run = run or tmp_path / "run"
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg or ds_config(tmp_path, "cpu.json"), "--data",
+                  data or small_data, "--run_dir", run, "--model", "bert-tiny", "--max_steps", 2, *extra)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def test_bad_data(tmp_path, small_data):
+    r = bad(tmp_path, small_data, data=tmp_path / "nope")
+    assert "nope" in r.stderr and not (tmp_path / "run").exists()
+    import shutil
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(small_data, corrupt)
+    shard = next((corrupt / "train").glob("*[0-9].npy"))
+    b = bytearray(shard.read_bytes())
+    b[-3] ^= 1
+    shard.write_bytes(bytes(b))
+    r = bad(tmp_path, small_data, data=corrupt)
+    assert str(shard) in r.stderr and "sha256" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_data_that_does_not_fit_the_model(tmp_path, small_data, bert_vocab):
+    cfg = tmp_path / "short.json"
+    cfg.write_text(json.dumps({"vocab_size": 1000, "hidden_size": 64, "heads": [2, 2], "ffn": [128, 96],
+                               "head_size": 32, "max_position_embeddings": 32}))
+    r = run_train(train_cmd(1), "--deepspeed_config", ds_config(tmp_path, "cpu.json"), "--data", small_data,
+                  "--run_dir", tmp_path / "run", "--model", cfg, "--max_steps", 2)
+    assert r.returncode == 2 and "seq_len 64" in r.stderr and not (tmp_path / "run").exists()
+    r = run_train(train_cmd(1), "--deepspeed_config", ds_config(tmp_path, "cpu.json"), "--data", small_data,
+                  "--run_dir", tmp_path / "run", "--model", "bert-base", "--init_from", bert_vocab.parent,
+                  "--max_steps", 2)
+    assert r.returncode == 2 and "vocabulary" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_invalid_deepspeed_config(tmp_path, small_data):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"train_micro_batch_size_per_gpu": 4,')
+    r = bad(tmp_path, small_data, cfg=broken)
+    assert "broken.json" in r.stderr and not (tmp_path / "run").exists()
+    wrong = ds_config(tmp_path, "cpu.json", zero_optimization={"stage": 7})
+    r = bad(tmp_path, small_data, cfg=wrong)
+    assert "DeepSpeed rejected" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_run_dir_of_another_model(tmp_path, small_data):
+    cfg = ds_config(tmp_path, "cpu.json")
+    run = tmp_path / "run"
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
+                  "--model", "bert-tiny", "--max_steps", 1)
+    assert r.returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
+                  "--model", "bert-mini", "--max_steps", 3)
+    assert r.returncode == 2 and "different run" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
