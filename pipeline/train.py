@@ -349,7 +349,8 @@ class Trainer:
             run_id = id_file.read_text().strip()
         else:
             from data_prep.files import atomic_write_bytes
-            run_id = wandb.util.generate_id()
+            import secrets
+            run_id = secrets.token_hex(6)
             atomic_write_bytes(id_file, run_id.encode())
         return wandb.init(project=a.wandb_project, group=a.wandb_group, entity=a.wandb_entity,
                           mode=a.wandb_mode, id=run_id, resume="allow", dir=str(self.run.path),

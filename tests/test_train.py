@@ -243,3 +243,19 @@ def test_run_dir_of_another_model(tmp_path, small_data):
                   "--model", "bert-mini", "--max_steps", 3)
     assert r.returncode == 2 and "different run" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_wandb_offline_run_id_survives_a_resume(tmp_path, small_data):
+    cfg = ds_config(tmp_path, "cpu.json")
+    run = tmp_path / "run"
+    common = ["--deepspeed_config", cfg, "--data", small_data, "--run_dir", run, "--model", "bert-tiny",
+              "--wandb_project", "earlybert-test", "--wandb_mode", "offline"]
+    r = run_train(train_cmd(1), *common, "--max_steps", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_id = (run / "wandb_id").read_text()
+    r = run_train(train_cmd(1), *common, "--max_steps", 4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "wandb_id").read_text() == run_id
+    offline = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 2  # both processes logged to the same W&B run id
+    assert [x["step"] for x in steps(run)] == [1, 2, 3, 4]
