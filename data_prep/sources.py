@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import io
 import json
 import os
 import re
@@ -299,6 +300,18 @@ def _open_dump(path: Path):
     return bz2.open(path, "rb") if path.name.endswith(".bz2") else open(path, "rb")
 
 
+def _utf8_lines(f) -> Iterator[bytes]:
+    """The dump's lines as UTF-8 bytes. Dumps are UTF-8, but re-encoded copies exist (gensim's
+    Bulgarian test dump is UTF-16 with a BOM): those are transcoded line by line."""
+    head = f.peek(4)[:4]
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-32" if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) else "utf-16"
+        for line in io.TextIOWrapper(f, encoding=encoding, errors="replace", newline=""):
+            yield line.encode("utf-8")
+    else:
+        yield from f
+
+
 def _wiki_dump(path: Path) -> Iterator[tuple]:
     """Split the dump into <page> blocks line by line; each block is parsed on its own (in a
     worker, by wiki_page), so a malformed page is skipped instead of ending the whole dump."""
@@ -308,7 +321,7 @@ def _wiki_dump(path: Path) -> Iterator[tuple]:
         siteinfo: list[bytes] | None = None
         page: list[bytes] | None = None
         with f:
-            for line in f:
+            for line in _utf8_lines(f):
                 stripped = line.strip()
                 if page is not None:
                     page.append(line)

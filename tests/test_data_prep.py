@@ -405,3 +405,24 @@ def test_tokenizer_forms_give_the_same_tokens(tmp_path, text_corpus, bert_vocab)
         tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
         assert tok("Hello World")["input_ids"] == [101, 7592, 2088, 102]
     assert shards[0] == shards[1] == shards[2]
+
+
+def test_directory_of_dumps_other_language_and_utf16(tmp_path, wiki_dump):
+    """gensim's three real dumps in one directory: English, English with tables, and Bulgarian
+    re-encoded as UTF-16 (localized File/Category namespaces from its <siteinfo>)."""
+    import shutil
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    for name in ("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+                 "enwiki-table-markup.xml.bz2", "bgwiki-latest-pages-articles-shortened.xml.bz2"):
+        shutil.copy(wiki_dump.parent / name, dumps / name)
+    (dumps / "enwiki-latest-pages-articles-multistream-index.txt.bz2").write_bytes(b"")  # ignored
+    docs = clean_documents(f"wikipedia:{dumps}")
+    assert len(docs) == 98 + 5 + 1
+    bg = [t for k, t in docs if k.startswith("bgwiki")]
+    assert bg[0].startswith("Григорианският календар") and "Категория:" not in bg[0]
+    tables = [t for k, t in docs if k.startswith("enwiki-table")]
+    assert all("{|" not in t and "|-" not in t for t in tables)
+    out = tmp_path / "out"
+    build(BuildArgs(out=out, sources=[f"wikipedia:{dumps}"], workers=2, val_fraction=0.05))
+    check_round_trip(out, [f"wikipedia:{dumps}"], 0.05)
