@@ -243,6 +243,9 @@ class Trainer:
 
         train = PackedDataset(a.data, "train")
         self.val = PackedDataset(a.data, "validation")
+        if len(self.val) == 0 and a.eval_every:
+            self.log(f"warning: {a.data} has an empty validation split (raise data_prep's "
+                     "--val-fraction): no validation rows will be logged")
         tok = None
         if a.whole_word_masking:
             from transformers import AutoTokenizer
