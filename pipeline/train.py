@@ -368,17 +368,16 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         micro = self.engine.train_micro_batch_size_per_gpu()
-        batches = range(self.rank * micro, n_val, micro * self.world)
         n_batches = math.ceil(n_val / (micro * self.world))
         for i in range(n_batches):  # every rank runs the same number of forwards (ZeRO-3)
             start = i * micro * self.world + self.rank * micro
+            # Batch s holds sequences s..s+micro-1 masked with seed s, whatever the world size.
             idx = list(range(start, min(start + micro, n_val))) or [0]
             batch = self.collate(*self.val.batch(idx), torch.Generator().manual_seed(start))
             loss, n, correct = self.engine(**{k: v.to(self.device) for k, v in batch.items()
                                               if k in ("input_ids", "segment_ids", "labels")})
             if start < n_val:
                 sums += torch.tensor([loss.item() * n, float(n), float(correct)])
-        del batches
         torch.distributed.all_reduce(sums)
         self.engine.train()
         if sums[1] > 0:

@@ -65,6 +65,23 @@ def steps(run: Path) -> list[dict]:
     return [r for r in metrics(run) if "loss" in r]
 
 
+def validation_loss(model_dir: Path, data: Path, micro: int = 4) -> float:
+    """The trainer's validation loss, recomputed in fp32 from an exported model."""
+    from data_prep.reader import MaskingCollator, PackedDataset
+    from pipeline.hf import load_pretrained
+    m = json.loads((data / "manifest.json").read_text())
+    model = load_pretrained(model_dir).eval()
+    val = PackedDataset(data, "validation")
+    collate = MaskingCollator(m["vocab_size"], m["special_tokens"])
+    total = count = 0.0
+    with torch.no_grad():
+        for s in range(0, len(val), micro):
+            b = collate(*val.batch(range(s, min(s + micro, len(val)))), torch.Generator().manual_seed(s))
+            loss, n, _ = model(b["input_ids"], segment_ids=b["segment_ids"], labels=b["labels"])
+            total, count = total + loss.item() * n, count + n
+    return total / count
+
+
 @pytest.mark.parametrize("stage,ranks", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)])
 def test_zero_stages_bf16(tmp_path, small_data, stage, ranks):
     cfg = ds_config(tmp_path, f"zero{stage}_bf16.json")
@@ -82,6 +99,8 @@ def test_zero_stages_bf16(tmp_path, small_data, stage, ranks):
     vals = [x for x in metrics(run) if "val_loss" in x]
     assert [v["step"] for v in vals] == [3, 6] and 0 <= vals[-1]["val_accuracy"] <= 1
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # The export holds the trained weights: it reproduces the run's last validation loss.
+    assert abs(validation_loss(run / "final", small_data) - vals[-1]["val_loss"]) < 0.05
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     hf = AutoModelForMaskedLM.from_pretrained(str(run / "final"))
     tok = AutoTokenizer.from_pretrained(str(run / "final"))
