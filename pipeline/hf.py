@@ -65,22 +65,15 @@ def load_pretrained(directory: Path | str, **overrides) -> BertForMLM:
     return model
 
 
-def folded_state_dict(model: BertForMLM) -> dict[str, torch.Tensor]:
-    """The weights with every gate folded into the layer that follows it, gates dropped: the
-    result computes exactly what the gated model computes."""
-    sd = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
-          for k, v in model.state_dict().items()}
+def folded_state_dict(model: BertForMLM, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The weights (fp32) with every gate folded into the layer that follows it, gates dropped:
+    the result computes exactly what the gated model computes."""
+    import numpy as np
+
+    from .prune import prune_state_dict
     c = model.config
-    for i in range(c.num_layers):
-        pre = f"bert.encoder.layer.{i}."
-        hg = sd.pop(pre + "attention.self.head_gates", None)
-        if hg is not None:
-            cols = hg.repeat_interleave(c.head_size)
-            sd[pre + "attention.output.dense.weight"] *= cols[None, :]
-        fg = sd.pop(pre + "intermediate.ffn_gates", None)
-        if fg is not None:
-            sd[pre + "output.dense.weight"] *= fg[None, :]
-    return sd
+    keep_all = [np.ones(n, dtype=bool) for n in c.heads], [np.ones(n, dtype=bool) for n in c.ffn]
+    return prune_state_dict(model.state_dict() if state_dict is None else state_dict, c, *keep_all)
 
 
 def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,

@@ -400,17 +400,15 @@ class Trainer:
         from data_prep.files import atomic_write_json
         from pipeline.hf import export, folded_state_dict
         module = self.engine.module
-        full = {n: safe_get_full_fp32_param(p) for n, p in module.named_parameters()}
+        # fp32 master weights, gathered from every ZeRO partition (a collective: all ranks).
+        full = {}
+        for n, p in module.named_parameters():
+            t = safe_get_full_fp32_param(p)
+            full[n] = (t if t is not None else p.detach()).float().cpu()
         if self.rank == 0:
-            with torch.no_grad():
-                for n, p in module.named_parameters():
-                    if full[n] is not None and full[n].shape == p.shape:
-                        p.data = full[n].to(p.device).clone()
-                    elif full[n] is not None:  # ZeRO-3 keeps a partitioned placeholder
-                        p.data = full[n].clone()
-                module.float()
             manifest = json.loads((self.a.data / "manifest.json").read_text())
-            export(module, self.run.final, self.a.data / manifest["tokenizer"], folded_state_dict(module))
+            export(module, self.run.final, self.a.data / manifest["tokenizer"],
+                   folded_state_dict(module, full))
             atomic_write_json(self.run.path / "finished.json", {"step": step})
             self.log(f"exported {self.run.final}")
         torch.distributed.barrier()
