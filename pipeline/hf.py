@@ -25,9 +25,12 @@ def hf_config_dict(c: BertConfig) -> dict:
         "initializer_range": c.initializer_range, "layer_norm_eps": c.layer_norm_eps,
         "pad_token_id": 0, "tie_word_embeddings": True,
     }
-    if not uniform:  # per-layer sizes: see pipeline/hf_pruned.py (registered with transformers)
+    if not uniform:  # per-layer sizes: pipeline/modeling_earlybert.py, shipped beside the weights
         d.update(model_type="earlybert", architectures=["EarlyBertForMaskedLM"],
-                 earlybert_heads=list(c.heads), earlybert_ffn=list(c.ffn), earlybert_head_size=c.head_size)
+                 num_attention_heads=c.hidden_size // c.head_size, intermediate_size=max(c.ffn),
+                 earlybert_heads=list(c.heads), earlybert_ffn=list(c.ffn), earlybert_head_size=c.head_size,
+                 auto_map={"AutoConfig": "modeling_earlybert.EarlyBertConfig",
+                           "AutoModelForMaskedLM": "modeling_earlybert.EarlyBertForMaskedLM"})
     return d
 
 
@@ -90,7 +93,10 @@ def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
     sd = {k: v.contiguous() for k, v in sd.items() if k not in ("cls.predictions.decoder.weight",
                                                               "cls.predictions.decoder.bias")}
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2) + "\n")
+    config = hf_config_dict(model.config)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if config["model_type"] == "earlybert":
+        shutil.copy2(Path(__file__).with_name("modeling_earlybert.py"), tmp / "modeling_earlybert.py")
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():

@@ -51,3 +51,38 @@ def test_bad_tickets():
         prune(model, heads[:2], ffn[:2])
     with pytest.raises(ValueError, match="layer 0"):
         prune(model, [np.ones(5, bool)] + heads[1:], ffn)
+
+
+def test_pruned_export_loads_in_a_fresh_process(tmp_path):
+    """Per-layer sizes load with AutoModelForMaskedLM (trust_remote_code: the class ships
+    beside the weights) and give our pruned model's logits."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from pipeline.hf import export
+    model = gated_model()
+    layers = model.bert.encoder.layer
+    heads = head_masks([l.attention.self.head_gates.detach().numpy() for l in layers], 2)
+    ffn = ffn_masks([l.intermediate.ffn_gates.detach().numpy() for l in layers], 0.3)
+    small = prune(model, heads, ffn).eval()
+    export(small, tmp_path / "final", None)
+    ids = torch.randint(5, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        torch.save(small(ids), tmp_path / "ours.pt")
+    code = f"""
+import torch
+from transformers import AutoModelForMaskedLM
+m = AutoModelForMaskedLM.from_pretrained({str(tmp_path / 'final')!r}, trust_remote_code=True).eval()
+ids = torch.load({str(tmp_path / 'ids.pt')!r})
+with torch.no_grad():
+    diff = (m(input_ids=ids).logits - torch.load({str(tmp_path / 'ours.pt')!r})).abs().max().item()
+print("DIFF", diff, type(m).__name__, [l.intermediate.dense.out_features for l in m.bert.encoder.layer])
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = r.stdout.split("DIFF")[1].split()
+    assert float(line[0]) < 1e-4 and line[1] == "EarlyBertForMaskedLM"
+    assert str(small.config.ffn[0]) in r.stdout
