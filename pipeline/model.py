@@ -9,7 +9,6 @@ neuron, scaling the activation after GELU. Attention stays inside each packed do
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

@@ -59,7 +59,6 @@ def test_pruned_export_loads_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
     from pipeline.hf import export
     model = gated_model()
     layers = model.bert.encoder.layer
