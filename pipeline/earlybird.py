@@ -8,8 +8,11 @@ everything the way the released code's `> quantile` threshold does.
 """
 from __future__ import annotations
 
+import json
+import os
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -55,6 +58,13 @@ def ffn_masks(gates: list[np.ndarray], fraction: float) -> list[np.ndarray]:
     return [mask[b:e] for b, e in zip(bounds[:-1], bounds[1:])]
 
 
+def draw_masks(heads: list[np.ndarray], ffn: list[np.ndarray], prune_heads: int | None,
+               prune_ffn: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The ticket's masks from |gate| values; prune_heads None: default_prune_heads per layer."""
+    k = [default_prune_heads(len(h)) if prune_heads is None else prune_heads for h in heads]
+    return head_masks(heads, k), ffn_masks(ffn, prune_ffn)
+
+
 def mask_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     """Normalised Hamming distance: the fraction of units on which two masks disagree."""
     x, y = np.concatenate(a), np.concatenate(b)
@@ -67,11 +77,11 @@ def mask_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 class EarlyBirdRule:
     """The ticket has emerged when the newest mask is within `epsilon` of each of the
     `window - 1` older ones, for heads and for FFN alike, at step >= min_steps; at
-    max_steps the ticket is drawn regardless (the fallback)."""
+    max_steps (None: never) the ticket is drawn regardless (the fallback)."""
     window: int = 5
     epsilon: float = 0.1
     min_steps: int = 100
-    max_steps: int = 400
+    max_steps: int | None = 400
     history: deque = field(default_factory=deque)
 
     def update(self, step: int, heads: list[np.ndarray], ffn: list[np.ndarray]) -> tuple[str | None, dict]:
@@ -87,6 +97,106 @@ class EarlyBirdRule:
                 and max(d["heads"]) < self.epsilon and max(d["ffn"]) < self.epsilon:
             return (f"early-bird: the masks of step {step} are within {self.epsilon} of the "
                     f"{self.window - 1} before (heads {max(d['heads']):.3f}, ffn {max(d['ffn']):.3f})"), d
-        if step >= self.max_steps:
+        if self.max_steps is not None and step >= self.max_steps:
             return f"fallback: no early-bird ticket by the maximum search length ({self.max_steps} steps)", d
         return None, d
+
+
+# ------------------------------------------------------------------ files shared by trainer and monitor
+
+class TicketError(ValueError):
+    """A gate snapshot or ticket file that cannot be used; the message names the file."""
+
+
+def write_snapshot(directory: Path, step: int, heads: list[np.ndarray], ffn: list[np.ndarray]) -> Path:
+    """RUN/gates/step-NNNNNNN.npz: |gate| per layer, written to a temporary name and renamed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{step:07d}.npz"
+    tmp = directory / f".{path.name}.tmp{os.getpid()}"
+    arrays = {f"heads_{i}": np.abs(h).astype(np.float32) for i, h in enumerate(heads)}
+    arrays.update({f"ffn_{i}": np.abs(f).astype(np.float32) for i, f in enumerate(ffn)})
+    with open(tmp, "wb") as f:
+        np.savez(f, step=np.int64(step), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def snapshot_paths(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in directory.glob("step-*.npz"):
+        try:
+            found.append((int(p.stem.split("-")[1]), p))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def read_snapshot(path: Path, layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    try:
+        with np.load(path) as z:
+            heads = [z[f"heads_{i}"].astype(np.float64) for i in range(layers)]
+            ffn = [z[f"ffn_{i}"].astype(np.float64) for i in range(layers)]
+    except Exception as e:  # zipfile/pickle/key errors: a truncated or foreign file
+        raise TicketError(f"{path}: not a readable gate snapshot of {layers} layers ({type(e).__name__}: {e})")
+    if any(not np.isfinite(g).all() for g in heads + ffn):
+        raise TicketError(f"{path}: the gate snapshot holds NaN or inf")
+    return heads, ffn
+
+
+def random_masks(like: list[np.ndarray], seed: int) -> list[np.ndarray]:
+    """Seeded random masks with exactly the per-layer kept counts of `like` (the random-ticket
+    baseline: the same shape as the rule's ticket)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for m in like:
+        r = np.zeros(len(m), dtype=bool)
+        r[rng.choice(len(m), int(m.sum()), replace=False)] = True
+        out.append(r)
+    return out
+
+
+def ticket_record(step: int, reason: str, source: str, run: str, heads: list[np.ndarray],
+                  ffn: list[np.ndarray], distances: list[dict]) -> dict:
+    return {"step": step, "reason": reason, "source": source, "run": run,
+            "kept_heads": [int(h.sum()) for h in heads], "ffn_width": [int(f.sum()) for f in ffn],
+            "heads": [h.astype(int).tolist() for h in heads], "ffn": [f.astype(int).tolist() for f in ffn],
+            "distances": distances}
+
+
+def publish_ticket(path: Path, record: dict) -> dict:
+    """Writes RUN/ticket.json unless a ticket is already there (the monitor and the trainer's
+    fallback may race); returns the record that is in place."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # atomic and exclusive: fails if a ticket exists
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return json.loads(path.read_text())
+
+
+def read_ticket(path: Path, run: str, heads: list[int], ffn: list[int]) -> dict:
+    """Loads and checks a ticket against this run (fingerprint) and model shape."""
+    try:
+        t = json.loads(path.read_text())
+        masks_h = [np.asarray(h, dtype=int).astype(bool) for h in t["heads"]]
+        masks_f = [np.asarray(f, dtype=int).astype(bool) for f in t["ffn"]]
+        step, reason, owner = int(t["step"]), str(t["reason"]), t["run"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TicketError(f"{path}: not a valid ticket ({type(e).__name__}: {e})")
+    if owner != run:
+        raise TicketError(f"{path}: the ticket belongs to another run ({owner}, this run is {run})")
+    if [len(h) for h in masks_h] != list(heads) or [len(f) for f in masks_f] != list(ffn):
+        raise TicketError(f"{path}: the ticket's layers do not match the model "
+                          f"({len(masks_h)} layers, the model {len(heads)})")
+    for i, (h, f) in enumerate(zip(masks_h, masks_f)):
+        if not h.any() or not f.any():
+            raise TicketError(f"{path}: the ticket prunes every {'head' if not h.any() else 'FFN neuron'} "
+                              f"of layer {i}")
+    return {**t, "step": step, "reason": reason, "heads": masks_h, "ffn": masks_f}

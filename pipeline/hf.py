@@ -80,8 +80,9 @@ def folded_state_dict(model: BertForMLM, state_dict: dict | None = None) -> dict
 
 
 def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
-           state_dict: dict | None = None) -> None:
-    """Writes OUT (model.safetensors, config.json, tokenizer) through a temporary directory."""
+           state_dict: dict | None = None, extra: dict[str, dict] | None = None) -> None:
+    """Writes OUT (model.safetensors, config.json, tokenizer, and `extra` JSON files) through a
+    temporary directory renamed into place."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -101,6 +102,8 @@ def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    for name, obj in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -150,9 +150,11 @@ class SelfAttention(nn.Module):
         else:
             ctx = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask, dropout_p=p).transpose(1, 2)
+        penalty = None
         if self.head_gates is not None:
             ctx = ctx * self.head_gates.to(ctx.dtype)[:, None]
-        return ctx.reshape(B, L, self.heads * self.head_size)
+            penalty = self.head_gates.float().abs().sum()
+        return ctx.reshape(B, L, self.heads * self.head_size), penalty
 
 
 VARLEN = _varlen_attention()
@@ -176,7 +178,8 @@ class Attention(nn.Module):
         self.output = SelfOutput(c, heads * c.head_size)
 
     def forward(self, x, segment_ids, mask):
-        return self.output(self.self(x, segment_ids, mask), x)
+        ctx, penalty = self.self(x, segment_ids, mask)
+        return self.output(ctx, x), penalty
 
 
 class Intermediate(nn.Module):
@@ -188,7 +191,9 @@ class Intermediate(nn.Module):
 
     def forward(self, x):
         h = F.gelu(self.dense(x))
-        return h * self.ffn_gates.to(h.dtype) if self.ffn_gates is not None else h
+        if self.ffn_gates is None:
+            return h, None
+        return h * self.ffn_gates.to(h.dtype), self.ffn_gates.float().abs().sum()
 
 
 class Layer(nn.Module):
@@ -199,8 +204,12 @@ class Layer(nn.Module):
         self.output = SelfOutput(c, ffn)
 
     def forward(self, x, segment_ids, mask):
-        x = self.attention(x, segment_ids, mask)
-        return self.output(self.intermediate(x), x)
+        """Hidden states and the layer's sum of |gate| (None without gates). The L1 term leaves
+        each module as an output so that ZeRO-3 regathers the gates for its backward."""
+        x, head_penalty = self.attention(x, segment_ids, mask)
+        h, ffn_penalty = self.intermediate(x)
+        penalty = None if head_penalty is None else head_penalty + ffn_penalty
+        return self.output(h, x), penalty
 
 
 class Encoder(nn.Module):
@@ -252,6 +261,8 @@ class BertForMLM(nn.Module):
         self.cls = MLMHead(config)
         self.apply(self._init)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
+        self.l1 = 0.0  # EarlyBERT's L1 coefficient on |gate|, added to the training loss
+        self.last_penalty = None  # sum of |gate| of the last forward (detached), for logging
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -265,6 +276,9 @@ class BertForMLM(nn.Module):
     def encode(self, input_ids, segment_ids=None, attention_mask=None):
         """Hidden states [B, L, H]. segment_ids keep attention inside each packed document;
         without them, attention_mask (1 = token, 0 = padding) works as in transformers."""
+        return self._encode(input_ids, segment_ids, attention_mask)[0]
+
+    def _encode(self, input_ids, segment_ids, attention_mask):
         x = self.bert.embeddings(input_ids)
         use_varlen = VARLEN is not None and x.is_cuda and segment_ids is not None \
             and x.dtype in (torch.float16, torch.bfloat16)
@@ -278,14 +292,18 @@ class BertForMLM(nn.Module):
                 mask = attention_mask[:, None, None, :].bool()
             else:
                 mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
+        penalty = None
         for layer in self.bert.encoder.layer:
-            x = layer(x, segs, mask)
-        return x
+            x, p = layer(x, segs, mask)
+            if p is not None:
+                penalty = p if penalty is None else penalty + p
+        return x, penalty
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, labels=None):
         """With labels: (loss, number of predictions, number correct), the MLM head run on the
-        masked positions only. Without: logits for every position."""
-        h = self.encode(input_ids, segment_ids, attention_mask)
+        masked positions only; the loss includes l1 x sum |gate| when the model is gated and l1 > 0.
+        Without: logits for every position."""
+        h, penalty = self._encode(input_ids, segment_ids, attention_mask)
         if labels is None:
             return self.cls.predictions(h)
         where = labels != -100
@@ -293,14 +311,15 @@ class BertForMLM(nn.Module):
         target = labels[where]
         loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(target.numel(), 1)
         correct = (logits.argmax(-1) == target).sum()
+        if penalty is not None:
+            self.last_penalty = penalty.detach()
+            if self.l1:
+                loss = loss + self.l1 * penalty
         return loss, target.numel(), correct
 
     # -- EarlyBERT gates
     def gates(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.endswith("_gates")]
-
-    def l1_penalty(self) -> torch.Tensor:
-        return sum(g.abs().sum() for g in self.gates())
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: no weight decay on biases, LayerNorm and gates (EARLYBERT.md)."""

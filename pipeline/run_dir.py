@@ -6,11 +6,20 @@ RUN/metrics.jsonl       one JSON object per logged step (and per validation)
 RUN/checkpoints/        DeepSpeed checkpoints step-NNNNNNN/, and latest.json pointing at the last
                         complete one (a checkpoint is written as tmp-step-NNNNNNN/ and renamed)
 RUN/wandb_id            the W&B run id, so a resumed run continues the same W&B run
+RUN/wandb.json          where the trainer logs in W&B (the monitor joins its group)
+RUN/search.json         the searching stage's settings (snapshot interval, pruning amounts, rule)
+RUN/gates/              gate snapshots step-NNNNNNN.npz (|gate| per layer), from rank 0
+RUN/earlybird/          the monitor's record: distances.jsonl and PNG plots
+RUN/ticket.json         the drawn ticket (monitor or the trainer's fallback), written once
+RUN/init.safetensors    the weights before the search (--ticket_weights rewind only)
+RUN/pruned/             the reduced model (Hugging Face format) and trainer_state.json: where
+                        the efficient stage starts
 RUN/final/              the model and tokenizer in Hugging Face format
 RUN/finished.json       written last: the run is done
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +34,20 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.metrics = self.path / "metrics.jsonl"
         self.final = self.path / "final"
+        self.gates = self.path / "gates"
+        self.earlybird = self.path / "earlybird"
+        self.ticket = self.path / "ticket.json"
+        self.pruned = self.path / "pruned"
+
+    def fingerprint(self) -> str | None:
+        """Names this run in its ticket, so a ticket from another run is refused."""
+        p = self.path / "run.json"
+        if not p.exists():
+            return None
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+    def pruned_ready(self) -> bool:
+        return (self.pruned / "trainer_state.json").exists()
 
     def read_json(self, name: str) -> dict | None:
         p = self.path / name
@@ -48,13 +71,13 @@ class RunDir:
             raise SystemExit(f"error: {latest} points at {info['tag']}, which is missing")
         return info
 
-    def publish_checkpoint(self, tmp_tag: str, tag: str, step: int, keep: int) -> None:
+    def publish_checkpoint(self, tmp_tag: str, tag: str, step: int, keep: int, phase: str) -> None:
         """Rank 0, after every rank has written tmp_tag: rename, point latest at it, prune."""
         src, dst = self.checkpoints / tmp_tag, self.checkpoints / tag
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(src, dst)
-        atomic_write_json(self.checkpoints / "latest.json", {"tag": tag, "step": step})
+        atomic_write_json(self.checkpoints / "latest.json", {"tag": tag, "step": step, "phase": phase})
         tags = sorted(p.name for p in self.checkpoints.glob("step-*"))
         for old in tags[:-keep]:
             shutil.rmtree(self.checkpoints / old, ignore_errors=True)

@@ -1,15 +1,22 @@
-"""BERT MLM pre-training with DeepSpeed, resumable from RUN at any moment.
+"""BERT MLM pre-training with DeepSpeed and EarlyBERT, resumable from RUN at any moment.
 
     deepspeed pipeline/train.py --deepspeed_config ds_configs/X.json --data DATA --run_dir RUN
-        --model PRESET|CONFIG.json --max_steps N [--seed 0] [--dropout P] [--checkpoint_every K]
-        [--eval_every K] [--max_time SECONDS] [--init_from HF_DIR] [--wandb_project P ...]
+        --model PRESET|CONFIG.json --max_steps N [--earlybird on|off] [--seed 0] [--dropout P]
+        [--checkpoint_every K] [--eval_every K] [--max_time SECONDS] [--init_from HF_DIR] ...
 
 Also under torchrun, or plain `python pipeline/train.py ...` (one process). Batch sizes,
 precision, optimizer, scheduler and ZeRO stage come from the DeepSpeed config.
 
+The stage comes from RUN: nothing there -> searching stage (gated model, L1, gate snapshots in
+RUN/gates/ for `python -m pipeline.monitor`); RUN/ticket.json appears (or --search_max_steps is
+reached: the trainer draws the ticket itself) -> checkpoint, RUN/pruned/, exit 76; the same
+command again -> efficient stage on the pruned model, continuing step, LR schedule and data.
+`--earlybird off` trains the dense model. slurm/pretrain.sh runs the loop.
+
 Exit codes: 0 done (or already finished); 2 bad input (nothing in RUN touched); 3 the loss
 became NaN/inf (a checkpoint of the last good state was written); 75 stopped on SIGTERM/SIGUSR1
-or --max_time after a checkpoint: run the same command again to continue.
+or --max_time after a checkpoint; 76 the ticket is drawn and RUN/pruned/ written. After 75 and
+76, run the same command again to continue.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RELAUNCH = 2, 3, 75, 76
 
 
 class BadInput(Exception):
@@ -57,12 +64,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb_group", default=None)
     p.add_argument("--wandb_entity", default=None)
     p.add_argument("--wandb_mode", choices=("online", "offline", "disabled"), default=None)
+    eb = p.add_argument_group("EarlyBERT")
+    eb.add_argument("--earlybird", choices=("on", "off"), default="on",
+                    help="on: search with gates, draw the ticket, train it; off: the dense model")
+    eb.add_argument("--l1", type=float, default=1e-4, help="L1 coefficient on |gate|")
+    eb.add_argument("--snapshot_every", type=int, default=10, help="steps between gate snapshots")
+    eb.add_argument("--search_min_steps", type=int, default=100, help="the early-bird rule's minimum")
+    eb.add_argument("--search_max_steps", type=int, default=400,
+                    help="no ticket by then: the trainer draws it from its own gates")
+    eb.add_argument("--prune_heads", type=int, default=None,
+                    help="heads dropped per layer (default 4 of 12, else a third)")
+    eb.add_argument("--prune_ffn", type=float, default=0.3, help="fraction of FFN neurons dropped, globally")
+    eb.add_argument("--ticket", choices=("rule", "random"), default="rule",
+                    help="random: a seeded random ticket of the rule's shape (a baseline)")
+    eb.add_argument("--ticket_weights", choices=("carry", "rewind"), default="carry",
+                    help="carry: searched weights, gates folded; rewind: the weights before the search")
+    eb.add_argument("--rewarmup_steps", type=int, default=0,
+                    help="efficient stage: ramp the LR up again over this many steps")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     import deepspeed
     deepspeed.add_config_arguments(p)
     a = p.parse_args(argv)
     if a.deepspeed_config is None:
         p.error("--deepspeed_config is required")
+    for flag in ("max_steps", "snapshot_every", "checkpoint_every", "search_max_steps"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    if not 0.0 <= a.prune_ffn < 1.0:
+        p.error(f"--prune_ffn {a.prune_ffn}: must be in [0, 1)")
+    if a.prune_heads is not None and a.prune_heads < 0:
+        p.error(f"--prune_heads {a.prune_heads}: must be >= 0")
+    if a.l1 < 0:
+        p.error(f"--l1 {a.l1}: must be >= 0")
     return a
 
 
@@ -121,6 +154,7 @@ def build_model(a, manifest: dict):
     from pipeline.hf import load_pretrained
     from pipeline.model import PRESETS, BertConfig, BertForMLM
     over = {} if a.dropout is None else {"dropout": a.dropout, "attention_dropout": a.dropout}
+    over["gates"] = a.earlybird == "on"
     try:
         if a.init_from is not None:
             model = load_pretrained(a.init_from, **over)
@@ -139,6 +173,11 @@ def build_model(a, manifest: dict):
     if manifest["seq_len"] > c.max_position_embeddings:
         raise BadInput(f"{a.data}/manifest.json: seq_len {manifest['seq_len']} exceeds the model's "
                        f"{c.max_position_embeddings} positions")
+    if a.earlybird == "on":
+        k = a.prune_heads if a.prune_heads is not None else 0
+        if any(k >= h for h in c.heads):
+            raise BadInput(f"--prune_heads {a.prune_heads}: the model has {min(c.heads)} heads in a layer; "
+                           "at least one must stay")
     return model
 
 
@@ -190,6 +229,7 @@ class Trainer:
     def __init__(self, a, rank: int, world: int, device):
         self.a, self.rank, self.world, self.device = a, rank, world, device
         self.stop_signal = 0
+        self.wandb = None
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -197,7 +237,6 @@ class Trainer:
 
     def main(self) -> int:
         import deepspeed
-        from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
         from pipeline.run_dir import RunDir
 
         a = self.a
@@ -207,7 +246,7 @@ class Trainer:
             self.log(f"{run.path}: finished at step {done}; nothing to do")
             return 0
         ds_cfg = load_ds_config(a.deepspeed_config, a.max_steps, self.world)
-        manifest = check_data(a.data, self.rank)
+        manifest = self.manifest = check_data(a.data, self.rank)
         torch.manual_seed(a.seed)
         model = build_model(a, manifest)
         identity = run_identity(a, model, manifest, ds_cfg)
@@ -216,6 +255,14 @@ class Trainer:
             diff = sorted(k for k in identity if identity[k] != recorded.get(k))
             raise BadInput(f"{run.path}: belongs to a different run (differs in {', '.join(diff)}); "
                            "use a new --run_dir")
+        self.phase = "dense" if a.earlybird == "off" else "efficient" if run.pruned_ready() else "search"
+        pruned_state = None
+        if self.phase == "efficient":
+            from pipeline.hf import load_pretrained
+            pruned_state = json.loads((run.pruned / "trainer_state.json").read_text())
+            over = {} if a.dropout is None else {"dropout": a.dropout, "attention_dropout": a.dropout}
+            model = load_pretrained(run.pruned, **over)
+        model.l1 = a.l1 / ds_cfg["gradient_accumulation_steps"] if self.phase == "search" else 0.0
         optimizer, groups = make_optimizer(model, ds_cfg, self.device)
         try:
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -225,22 +272,47 @@ class Trainer:
         self.engine = engine
 
         # From here on RUN is written.
+        from data_prep.files import atomic_write_json
         if self.rank == 0:
             run.checkpoints.mkdir(parents=True, exist_ok=True)
             if recorded is None:
-                from data_prep.files import atomic_write_json
                 atomic_write_json(run.path / "run.json", identity)
         torch.distributed.barrier()
+        self.fingerprint = run.fingerprint()
         state = {"step": 0, "consumed": 0, "tokens": 0, "elapsed": 0.0}
         latest = run.latest_checkpoint()
+        if latest is not None and self.phase == "efficient" and latest.get("phase") != "efficient":
+            latest = None  # the dense model's checkpoint: the efficient stage starts from RUN/pruned
         if latest is not None:
             _, client = engine.load_checkpoint(str(run.checkpoints), tag=latest["tag"])
             state.update(client["trainer"])
             self.log(f"resumed from {latest['tag']} (step {state['step']}, {state['consumed']} samples)")
+        elif pruned_state is not None:
+            state.update(pruned_state["state"])
+            self.log(f"efficient stage: {sum(model.config.heads)} heads, FFN {sum(model.config.ffn)} "
+                     f"(ticket of step {pruned_state['ticket_step']}), from step {state['step']}")
+        self.ticket_taken_at = pruned_state["state"]["step"] if pruned_state else None
+        self._set_lr(state["step"], fast_forward=latest is None)
         if self.rank == 0:
             run.truncate_metrics(state["step"])
+            if self.phase == "search":
+                atomic_write_json(run.path / "search.json", {
+                    "snapshot_every": a.snapshot_every, "min_steps": a.search_min_steps,
+                    "max_steps": a.search_max_steps, "prune_heads": a.prune_heads,
+                    "prune_ffn": a.prune_ffn, "l1": a.l1, "heads": model.config.heads,
+                    "ffn": model.config.ffn})
+        if self.phase == "search" and a.ticket_weights == "rewind" and state["step"] == 0:
+            self._save_initial_weights()
         self.wandb = self._wandb(identity)
+        try:
+            return self.train(state, ds_cfg)
+        finally:
+            if self.wandb is not None:
+                self.wandb.finish()
 
+    def train(self, state: dict, ds_cfg: dict) -> int:
+        from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
+        a, engine, manifest = self.a, self.engine, self.manifest
         train = PackedDataset(a.data, "train")
         self.val = PackedDataset(a.data, "validation")
         if len(self.val) == 0 and a.eval_every:
@@ -252,23 +324,26 @@ class Trainer:
             tok = AutoTokenizer.from_pretrained(str(a.data / manifest["tokenizer"]))
         self.collate = MaskingCollator(manifest["vocab_size"], manifest["special_tokens"],
                                        a.mlm_probability, a.whole_word_masking, tok)
-        self.pad = manifest["special_tokens"]["pad"]
         sampler = ResumableSampler(len(train), self.rank, self.world, a.seed, state["consumed"])
         micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
         dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else \
             torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32
-        flops_seq = model.flops_per_sequence(manifest["seq_len"], a.mlm_probability)
+        module = engine.module
+        flops_seq = module.flops_per_sequence(manifest["seq_len"], a.mlm_probability)
         peak = peak_flops(self.device, dtype) * self.world
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         t_start = time.time() - state["elapsed"]
         engine.train()
-        exit_code = 0
         while state["step"] < a.max_steps:
+            if self.phase == "search":  # a step boundary: is there a ticket?
+                ticket = self._ticket(state)
+                if ticket is not None:
+                    return self._prune_and_exit(state, ticket)
             t0 = time.time()
             at_start = dict(state)
-            loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, non-pad tokens, finite flag
+            sums = torch.zeros(3, dtype=torch.float64)  # MLM loss, non-pad tokens, sum |gate|
             for _ in range(gas):
                 pos = sampler.consumed + self.rank * micro  # this micro batch's first global position
                 idx = sampler.next_batch(micro)
@@ -282,19 +357,27 @@ class Trainer:
                     return self._nonfinite(at_start, loss)
                 engine.backward(loss)
                 engine.step()
-                loss_sum += torch.tensor([loss.item() / gas, float(batch["attention_mask"].sum()), 0])
-            torch.distributed.all_reduce(loss_sum)
+                penalty = module.last_penalty.item() if self.phase == "search" else 0.0
+                sums += torch.tensor([(loss.item() - module.l1 * penalty) / gas,
+                                      float(batch["attention_mask"].sum()), penalty / gas])
+            torch.distributed.all_reduce(sums)
             state["step"] += 1
             state["consumed"] = sampler.consumed
-            state["tokens"] += int(loss_sum[1])
+            state["tokens"] += int(sums[1])
+            self._set_lr(state["step"])
             dt = time.time() - t0
             state["elapsed"] = time.time() - t_start
             if state["step"] % a.log_every == 0 or state["step"] == a.max_steps:
                 seqs = micro * gas * self.world
-                self._log_row({"step": state["step"], "phase": "dense", "loss": loss_sum[0].item() / self.world,
-                               "lr": engine.get_lr()[0], "tokens": state["tokens"], "step_time_s": dt,
-                               "elapsed_s": state["elapsed"], "tokens_per_s": loss_sum[1].item() / dt,
-                               "mfu": flops_seq * seqs / dt / peak, "samples": state["consumed"]})
+                row = {"step": state["step"], "phase": self.phase, "loss": sums[0].item() / self.world,
+                       "lr": engine.get_lr()[0], "tokens": state["tokens"], "step_time_s": dt,
+                       "elapsed_s": state["elapsed"], "tokens_per_s": sums[1].item() / dt,
+                       "mfu": flops_seq * seqs / dt / peak, "samples": state["consumed"]}
+                if self.phase == "search":
+                    row["gate_l1"] = sums[2].item() / self.world
+                self._log_row(row)
+            if self.phase == "search" and state["step"] % a.snapshot_every == 0:
+                self._snapshot(state["step"])
             if a.eval_every and state["step"] % a.eval_every == 0 and state["step"] < a.max_steps:
                 self.evaluate(state["step"])
             stop = self._agree(self.stop_signal)
@@ -305,14 +388,23 @@ class Trainer:
             if stop or out_of_time:
                 self.log(f"stopped at step {state['step']} ({'signal' if stop else '--max_time'}); "
                          f"checkpointed: run the same command to continue (exit {EXIT_PREEMPTED})")
-                exit_code = EXIT_PREEMPTED
-                break
-        if exit_code == 0:
-            self.evaluate(state["step"])
-            self.export(state["step"])
-        if self.wandb is not None:
-            self.wandb.finish()
-        return exit_code
+                return EXIT_PREEMPTED
+        self.evaluate(state["step"])
+        self.export(state["step"])
+        return 0
+
+    def _set_lr(self, step: int, fast_forward: bool = False) -> None:
+        """The efficient stage's fresh optimizer follows the LR schedule by global step, with an
+        optional linear re-warm-up from the step the ticket was taken."""
+        sched = self.engine.lr_scheduler
+        if sched is None or self.phase != "efficient":
+            return
+        if fast_forward and step > 0:
+            sched.step(step - 1)  # DeepSpeed's schedulers count from -1: after k steps, k - 1
+        n = self.a.rewarmup_steps
+        factor = 1.0 if n <= 0 else min(1.0, (step + 1 - self.ticket_taken_at) / n)
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_lr()):
+            group["lr"] = lr * factor
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = 1
@@ -326,7 +418,7 @@ class Trainer:
         self.log(f"error: the loss is {loss.item()} at step {at_start['step'] + 1}: stopping; the "
                  f"checkpoint holds the last good state (step {at_start['step']})")
         self.checkpoint(at_start)
-        self._log_row({"step": at_start["step"] + 1, "phase": "dense", "loss": loss.item(),
+        self._log_row({"step": at_start["step"] + 1, "phase": self.phase, "loss": loss.item(),
                        "lr": self.engine.get_lr()[0], "tokens": at_start["tokens"], "step_time_s": 0.0,
                        "elapsed_s": at_start["elapsed"], "nonfinite": True})
         return EXIT_NONFINITE
@@ -338,7 +430,7 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if "loss" in row:
-            print(f"step {row['step']:>6}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            print(f"step {row['step']:>6}  {row['phase']:<9}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                   f"{row.get('tokens_per_s', 0):,.0f} tok/s  mfu {row.get('mfu', 0):.1%}",
                   file=sys.stderr, flush=True)
 
@@ -347,16 +439,18 @@ class Trainer:
         if self.rank != 0 or a.wandb_project is None or (a.wandb_mode or os.environ.get("WANDB_MODE")) == "disabled":
             return None
         import wandb
-        id_file = self.run.path / "wandb_id"
-        if id_file.exists():
-            run_id = id_file.read_text().strip()
-        else:
-            from data_prep.files import atomic_write_bytes
+        from data_prep.files import atomic_write_json
+        info = self.run.read_json("wandb.json")
+        if info is None:
             import secrets
             run_id = secrets.token_hex(6)
-            atomic_write_bytes(id_file, run_id.encode())
-        return wandb.init(project=a.wandb_project, group=a.wandb_group, entity=a.wandb_entity,
-                          mode=a.wandb_mode, id=run_id, resume="allow", dir=str(self.run.path),
+            # The monitor joins the trainer's group (the run id when none is given).
+            info = {"id": run_id, "project": a.wandb_project, "entity": a.wandb_entity,
+                    "group": a.wandb_group or f"earlybert-{run_id}", "mode": a.wandb_mode}
+            atomic_write_json(self.run.path / "wandb.json", info)
+        return wandb.init(project=info["project"], group=info["group"], entity=info["entity"],
+                          mode=a.wandb_mode, id=info["id"], resume="allow", dir=str(self.run.path),
+                          job_type="train",
                           config={**vars(a), **identity, "deepspeed_config": str(a.deepspeed_config)})
 
     @torch.no_grad()
@@ -366,6 +460,8 @@ class Trainer:
         if n_val == 0:
             return
         self.engine.eval()
+        module, l1 = self.engine.module, self.engine.module.l1
+        module.l1 = 0.0
         sums = torch.zeros(3, dtype=torch.float64)
         micro = self.engine.train_micro_batch_size_per_gpu()
         n_batches = math.ceil(n_val / (micro * self.world))
@@ -379,9 +475,10 @@ class Trainer:
             if start < n_val:
                 sums += torch.tensor([loss.item() * n, float(n), float(correct)])
         torch.distributed.all_reduce(sums)
+        module.l1 = l1
         self.engine.train()
         if sums[1] > 0:
-            self._log_row({"step": step, "phase": "dense", "val_loss": (sums[0] / sums[1]).item(),
+            self._log_row({"step": step, "phase": self.phase, "val_loss": (sums[0] / sums[1]).item(),
                            "val_accuracy": (sums[2] / sums[1]).item()})
 
     def checkpoint(self, state: dict) -> None:
@@ -391,23 +488,119 @@ class Trainer:
                                     client_state={"trainer": dict(state)}, save_latest=False)
         torch.distributed.barrier()
         if self.rank == 0:
-            self.run.publish_checkpoint(tmp, tag, state["step"], self.a.keep_checkpoints)
+            self.run.publish_checkpoint(tmp, tag, state["step"], self.a.keep_checkpoints, self.phase)
         torch.distributed.barrier()
+
+    # -- EarlyBERT: snapshots, ticket, pruning
+
+    def _full_weights(self, gates_only: bool = False) -> dict[str, torch.Tensor]:
+        """fp32 master weights gathered from every ZeRO partition (a collective: all ranks)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        full = {}
+        for n, p in self.engine.module.named_parameters():
+            if gates_only and not n.endswith("_gates"):
+                continue
+            t = safe_get_full_fp32_param(p)
+            full[n] = (t if t is not None else p.detach()).float().cpu().clone()
+        return full
+
+    def _gate_values(self) -> tuple[list, list]:
+        g = self._full_weights(gates_only=True)
+        layers = range(self.engine.module.config.num_layers)
+        return ([g[f"bert.encoder.layer.{i}.attention.self.head_gates"].numpy() for i in layers],
+                [g[f"bert.encoder.layer.{i}.intermediate.ffn_gates"].numpy() for i in layers])
+
+    def _snapshot(self, step: int) -> None:
+        from pipeline.earlybird import write_snapshot
+        heads, ffn = self._gate_values()
+        if self.rank == 0:
+            write_snapshot(self.run.gates, step, heads, ffn)
+
+    def _save_initial_weights(self) -> None:
+        """--ticket_weights rewind: the weights before the search (gates all 1)."""
+        from safetensors.torch import save_file
+        full = self._full_weights()
+        path = self.run.path / "init.safetensors"
+        if self.rank == 0 and not path.exists():
+            full.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
+            tmp = path.with_name(".init.safetensors.tmp")
+            save_file(full, str(tmp))
+            os.replace(tmp, path)
+        torch.distributed.barrier()
+
+    def _ticket(self, state: dict) -> dict | None:
+        """At a step boundary: the ticket all ranks agree on, or None. Rank 0 reads
+        RUN/ticket.json; at --search_max_steps without one it draws the ticket itself."""
+        from pipeline.earlybird import (TicketError, draw_masks, publish_ticket, read_ticket,
+                                        ticket_record)
+        a, config = self.a, self.engine.module.config
+        present = self._agree(int(self.rank == 0 and self.run.ticket.exists()))
+        fallback = not present and state["step"] >= a.search_max_steps
+        if not present and not fallback:
+            return None
+        gates = self._gate_values() if fallback else None
+        box = [None]
+        if self.rank == 0:
+            try:
+                if fallback:
+                    heads, ffn = draw_masks(*gates, a.prune_heads, a.prune_ffn)
+                    reason = (f"fallback: no early-bird ticket by the maximum search length "
+                              f"(--search_max_steps {a.search_max_steps}); drawn by the trainer from its "
+                              f"own gates at step {state['step']}")
+                    publish_ticket(self.run.ticket, ticket_record(
+                        state["step"], reason, "trainer", self.fingerprint, heads, ffn, []))
+                box[0] = read_ticket(self.run.ticket, self.fingerprint, config.heads, config.ffn)
+            except TicketError as e:
+                box[0] = str(e)
+        torch.distributed.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise BadInput(box[0] + "; remove it to let the search go on")
+        return box[0]
+
+    def _prune_and_exit(self, state: dict, ticket: dict) -> int:
+        """Checkpoint the dense state, write RUN/pruned/ (reduced model + where to continue)."""
+        from pipeline.earlybird import random_masks
+        from pipeline.hf import export
+        from pipeline.model import BertForMLM
+        from pipeline.prune import prune_state_dict, pruned_config
+        a, run = self.a, self.run
+        self.checkpoint(state)
+        full = self._full_weights()
+        heads, ffn = ticket["heads"], ticket["ffn"]
+        if a.ticket == "random":
+            heads, ffn = random_masks(heads, a.seed), random_masks(ffn, a.seed + 1)
+        if self.rank == 0:
+            dense = self.engine.module.config
+            if a.ticket_weights == "rewind":
+                from safetensors.torch import load_file
+                weights = prune_state_dict(load_file(str(run.path / "init.safetensors")), dense, heads, ffn,
+                                           fold_gates=False)
+            else:
+                weights = prune_state_dict(full, dense, heads, ffn)
+            with torch.device("meta"):
+                small = BertForMLM(pruned_config(dense, heads, ffn))
+            info = {"state": dict(state), "ticket_step": ticket["step"], "reason": ticket["reason"],
+                    "source": ticket.get("source"), "ticket": a.ticket, "weights": a.ticket_weights,
+                    "dense": {"heads": dense.heads, "ffn": dense.ffn},
+                    "heads": [h.astype(int).tolist() for h in heads], "ffn": [f.astype(int).tolist() for f in ffn]}
+            export(small, run.pruned, a.data / self.manifest["tokenizer"], weights,
+                   extra={"trainer_state.json": info})
+            if self.wandb is not None:
+                self.wandb.summary.update({"ticket_step": ticket["step"], "ticket_taken_at": state["step"]})
+            self.log(f"ticket of step {ticket['step']} ({ticket['reason']}); {a.ticket} ticket, "
+                     f"{a.ticket_weights} weights: heads {small.config.heads}, FFN {small.config.ffn}; "
+                     f"{run.pruned} written: run the same command to continue (exit {EXIT_RELAUNCH})")
+        torch.distributed.barrier()
+        return EXIT_RELAUNCH
 
     def export(self, step: int) -> None:
         """RUN/final in Hugging Face format (fp32 master weights, gates folded), then finished.json."""
-        from deepspeed.utils import safe_get_full_fp32_param
         from data_prep.files import atomic_write_json
         from pipeline.hf import export, folded_state_dict
         module = self.engine.module
-        # fp32 master weights, gathered from every ZeRO partition (a collective: all ranks).
-        full = {}
-        for n, p in module.named_parameters():
-            t = safe_get_full_fp32_param(p)
-            full[n] = (t if t is not None else p.detach()).float().cpu()
+        full = self._full_weights()
         if self.rank == 0:
-            manifest = json.loads((self.a.data / "manifest.json").read_text())
-            export(module, self.run.final, self.a.data / manifest["tokenizer"],
+            export(module, self.run.final, self.a.data / self.manifest["tokenizer"],
                    folded_state_dict(module, full))
             atomic_write_json(self.run.path / "finished.json", {"step": step})
             self.log(f"exported {self.run.final}")

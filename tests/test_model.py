@@ -81,7 +81,25 @@ def test_gates_l1_and_no_weight_decay():
     gates = model.gates()
     assert [g.numel() for g in gates] == [4, 100, 2, 60]
     assert all(g.dtype == torch.float32 and (g == 1).all() for g in gates)
-    assert model.l1_penalty().item() == pytest.approx(166.0)
+    # The training loss carries l1 x sum |gate|, and its gradient reaches every gate.
+    ids = torch.randint(5, 300, (2, 16))
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    model.eval()
+    plain, _, _ = model(ids, labels=labels)
+    assert model.last_penalty.item() == pytest.approx(166.0)
+    model.l1 = 1e-2
+    with_l1, _, _ = model(ids, labels=labels)
+    assert with_l1.item() == pytest.approx(plain.item() + 1.66, abs=1e-5)
+    model.zero_grad()
+    with_l1.backward()
+    grad_l1 = [g.grad.clone() for g in gates]
+    model.zero_grad()
+    model.l1 = 0.0
+    model(ids, labels=labels)[0].backward()
+    for g, gl in zip(gates, grad_l1):
+        assert torch.allclose(gl - g.grad, torch.full_like(gl, 1e-2), atol=1e-6)
+    model.train()
     groups = model.param_groups(0.01)
     no_decay = {id(p) for p in groups[1]["params"]}
     assert all(id(g) in no_decay for g in gates) and groups[1]["weight_decay"] == 0.0
@@ -89,7 +107,6 @@ def test_gates_l1_and_no_weight_decay():
     with torch.no_grad():
         model.bert.encoder.layer[0].attention.self.head_gates[1] = 0.0
     model.eval()
-    ids = torch.randint(5, 300, (2, 16))
     with torch.no_grad():
         before = model(ids)
         model.bert.encoder.layer[0].attention.self.value.weight[16:32] += 1.0
