@@ -1,0 +1,279 @@
+"""The early-bird monitor: a process beside the trainer that watches a searching run's gates.
+
+    python -m pipeline.monitor --run_dir RUN [--prune_heads K] [--prune_ffn P] [--min_steps N]
+        [--window 5] [--epsilon 0.1] [--poll SECONDS]
+
+It reads RUN/gates/step-*.npz as the trainer writes them, draws each snapshot's masks, applies
+the early-bird rule and writes RUN/ticket.json when the rule fires. RUN/earlybird/ keeps the
+record: distances.jsonl (one row per snapshot) and PNG plots (pairwise step x step mask
+distances for heads and FFN, distance to the previous mask, the ticket's shape, gate histograms).
+When the trainer logs to W&B (RUN/wandb.json), the same goes to a W&B run in its group.
+
+Flags left out come from RUN/search.json (the trainer's --prune_heads, --prune_ffn,
+--search_min_steps). Everything is rebuilt from the snapshots at start, so a killed monitor
+restarted reaches the same decision. It exits by itself once the run has left the searching stage
+(a ticket is in place, RUN/pruned/ or RUN/finished.json exists, or the run does not search).
+Exit codes: 0 done; 2 bad input (a flag out of range, an unreadable snapshot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from data_prep.files import atomic_write_bytes  # noqa: E402
+from pipeline.earlybird import (EarlyBirdRule, TicketError, draw_masks, publish_ticket,  # noqa: E402
+                                read_snapshot, snapshot_paths, ticket_record)
+from pipeline.run_dir import RunDir  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_dir", required=True, type=Path)
+    p.add_argument("--prune_heads", type=int, default=None, help="heads dropped per layer")
+    p.add_argument("--prune_ffn", type=float, default=None, help="fraction of FFN neurons dropped, globally")
+    p.add_argument("--min_steps", type=int, default=None, help="the rule does not fire before this step")
+    p.add_argument("--window", type=int, default=5, help="masks compared (FIFO)")
+    p.add_argument("--epsilon", type=float, default=0.1, help="largest distance that counts as stable")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at RUN/gates/")
+    a = p.parse_args(argv)
+    if a.prune_heads is not None and a.prune_heads < 0:
+        p.error(f"--prune_heads {a.prune_heads}: must be >= 0")
+    if a.prune_ffn is not None and not 0.0 <= a.prune_ffn < 1.0:
+        p.error(f"--prune_ffn {a.prune_ffn}: must be in [0, 1)")
+    if a.window < 2:
+        p.error(f"--window {a.window}: must be at least 2")
+    if not 0.0 < a.epsilon <= 1.0:
+        p.error(f"--epsilon {a.epsilon}: must be in (0, 1]")
+    return a
+
+
+class Monitor:
+    def __init__(self, a: argparse.Namespace, run: RunDir, search: dict):
+        self.run, self.heads_n, self.ffn_n = run, search["heads"], search["ffn"]
+        self.prune_heads = a.prune_heads if a.prune_heads is not None else search.get("prune_heads")
+        self.prune_ffn = a.prune_ffn if a.prune_ffn is not None else search.get("prune_ffn", 0.3)
+        min_steps = a.min_steps if a.min_steps is not None else search.get("min_steps", 100)
+        # No fallback here: at the maximum search length the trainer draws the ticket itself.
+        self.rule = EarlyBirdRule(window=a.window, epsilon=a.epsilon, min_steps=min_steps, max_steps=None)
+        self.fingerprint = run.fingerprint()
+        self.rows: list[dict] = []
+        self.masks: list[tuple[int, list, list]] = []
+        self.latest_gates = None
+        self.wandb = None
+        self.logged_step = -1
+
+    def check_flags(self) -> None:
+        k = self.prune_heads
+        if k is not None and any(k >= h for h in self.heads_n):
+            raise TicketError(f"--prune_heads {k}: the model has {min(self.heads_n)} heads in a layer; "
+                              "at least one must stay")
+
+    def ticket_step(self) -> int | None:
+        if not self.run.ticket.exists():
+            return None
+        try:
+            return int(json.loads(self.run.ticket.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # the trainer reports a broken ticket; the monitor only marks the step
+
+    def process(self, step: int, path: Path) -> None:
+        heads_g, ffn_g = read_snapshot(path, len(self.heads_n))
+        if [len(h) for h in heads_g] != self.heads_n or [len(f) for f in ffn_g] != self.ffn_n:
+            raise TicketError(f"{path}: gate shapes do not match the run's model")
+        heads, ffn = draw_masks(heads_g, ffn_g, self.prune_heads, self.prune_ffn)
+        reason, d = self.rule.update(step, heads, ffn)
+        row = {"step": step,
+               "heads_to_previous": d["heads"][-1] if d["heads"] else None,
+               "ffn_to_previous": d["ffn"][-1] if d["ffn"] else None,
+               "heads_window_max": max(d["heads"]) if d["heads"] else None,
+               "ffn_window_max": max(d["ffn"]) if d["ffn"] else None,
+               "kept_heads": [int(h.sum()) for h in heads], "ffn_width": [int(f.sum()) for f in ffn],
+               "fired": reason}
+        self.rows.append(row)
+        self.masks.append((step, heads, ffn))
+        self.latest_gates = (heads_g, ffn_g)
+        if reason is not None and not self.run.ticket.exists():
+            recent = [{"step": r["step"], "heads": r["heads_to_previous"], "ffn": r["ffn_to_previous"]}
+                      for r in self.rows[-self.rule.window:]]
+            publish_ticket(self.run.ticket, ticket_record(step, reason, "monitor", self.fingerprint,
+                                                          heads, ffn, recent))
+            print(f"monitor: ticket at step {step}: {reason}", file=sys.stderr, flush=True)
+
+    def pairwise(self, part: int) -> np.ndarray:
+        """Step x step normalised Hamming distances of the head (part 1) or FFN (part 2) masks."""
+        x = np.stack([np.concatenate(m[part]) for m in self.masks]).astype(np.float32)
+        return (x @ (1 - x).T + (1 - x) @ x.T) / x.shape[1]
+
+    def write_record(self) -> None:
+        out = self.run.earlybird
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "distances.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        if self.masks:
+            for name, fig in self.figures().items():
+                tmp = out / f".{name}.tmp.png"
+                fig.savefig(tmp, dpi=100)
+                os.replace(tmp, out / name)
+            import matplotlib.pyplot as plt
+            plt.close("all")
+
+    def figures(self) -> dict:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        steps = [m[0] for m in self.masks]
+        ticket = self.ticket_step()
+        figs = {}
+        for part, name in ((1, "heads"), (2, "ffn")):
+            fig, ax = plt.subplots(figsize=(5.5, 4.5))
+            half = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) / 2 or 0.5  # cells centred on steps
+            lo, hi = steps[0] - half, steps[-1] + half
+            im = ax.imshow(self.pairwise(part), cmap="viridis", vmin=0, extent=(lo, hi, hi, lo))
+            fig.colorbar(im, ax=ax, label="mask distance")
+            if ticket is not None:
+                ax.axvline(ticket, color="red", lw=1)
+                ax.axhline(ticket, color="red", lw=1)
+            ax.set(title=f"pairwise {name} mask distance", xlabel="step", ylabel="step")
+            fig.tight_layout()
+            figs[f"pairwise_{name}.png"] = fig
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in (("heads_to_previous", "heads"), ("ffn_to_previous", "FFN")):
+            pts = [(r["step"], r[key]) for r in self.rows if r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=label)
+        ax.axhline(self.rule.epsilon, color="gray", ls="--", lw=1, label="epsilon")
+        if ticket is not None:
+            ax.axvline(ticket, color="red", lw=1, label=f"ticket (step {ticket})")
+        ax.set(title="distance to the previous mask", xlabel="step", ylabel="mask distance")
+        ax.legend()
+        fig.tight_layout()
+        figs["distance_to_previous.png"] = fig
+        last = self.rows[-1]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        layers = np.arange(len(self.heads_n))
+        a1.bar(layers, self.heads_n, color="lightgray", label="dense")
+        a1.bar(layers, last["kept_heads"], label="kept")
+        a1.set(title="heads per layer", xlabel="layer")
+        a2.bar(layers, self.ffn_n, color="lightgray", label="dense")
+        a2.bar(layers, last["ffn_width"], label="kept")
+        a2.set(title="FFN width per layer", xlabel="layer")
+        a1.legend()
+        fig.suptitle(f"masks of step {last['step']}")
+        fig.tight_layout()
+        figs["ticket_shape.png"] = fig
+        heads_g, ffn_g = self.latest_gates
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        a1.hist(np.concatenate(heads_g), bins=40)
+        a1.set(title="|head gate|", xlabel="value")
+        a2.hist(np.concatenate(ffn_g), bins=60)
+        a2.set(title="|FFN gate|", xlabel="value")
+        fig.suptitle(f"gates at step {last['step']}")
+        fig.tight_layout()
+        figs["gate_histograms.png"] = fig
+        return figs
+
+    # -- W&B: a run of its own in the trainer's group, so both show on one dashboard
+    def start_wandb(self) -> None:
+        info = self.run.read_json("wandb.json")
+        mode = os.environ.get("WANDB_MODE") or (info or {}).get("mode")
+        if info is None or mode == "disabled":
+            return
+        import wandb
+        self.wandb = wandb.init(project=info["project"], entity=info["entity"], group=info["group"],
+                                id=f"{info['id']}-earlybird", name=f"{info['id']}-earlybird",
+                                job_type="earlybird", resume="allow", mode=mode or info.get("mode"),
+                                dir=str(self.run.earlybird))
+        self.logged_step = self.wandb.step - 1  # a restart does not log steps twice
+
+    def log_wandb(self, new_rows: list[dict]) -> None:
+        if self.wandb is None:
+            return
+        import wandb
+        out = self.run.earlybird
+        ticket = self.ticket_step()
+        for i, r in enumerate(new_rows):
+            if r["step"] <= self.logged_step:
+                continue
+            row = {"earlybird/heads_to_previous": r["heads_to_previous"],
+                   "earlybird/ffn_to_previous": r["ffn_to_previous"],
+                   "earlybird/heads_window_max": r["heads_window_max"],
+                   "earlybird/ffn_window_max": r["ffn_window_max"]}
+            row.update({f"earlybird/kept_heads/layer_{j}": k for j, k in enumerate(r["kept_heads"])})
+            row.update({f"earlybird/ffn_width/layer_{j}": k for j, k in enumerate(r["ffn_width"])})
+            row = {k: v for k, v in row.items() if v is not None}
+            if i == len(new_rows) - 1:  # the newest snapshot carries the plots
+                heads_g, ffn_g = self.latest_gates
+                row["earlybird/head_gates"] = wandb.Histogram(np.concatenate(heads_g))
+                row["earlybird/ffn_gates"] = wandb.Histogram(np.concatenate(ffn_g))
+                for name in ("pairwise_heads", "pairwise_ffn", "distance_to_previous", "ticket_shape"):
+                    if (out / f"{name}.png").exists():
+                        row[f"earlybird/{name}"] = wandb.Image(str(out / f"{name}.png"))
+            if ticket is not None and r["step"] == ticket:
+                row["earlybird/ticket"] = 1
+                self.wandb.summary["ticket_step"] = ticket
+            self.wandb.log(row, step=r["step"])
+            self.logged_step = r["step"]
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def left_search(run: RunDir) -> str | None:
+    if (run.path / "finished.json").exists():
+        return "the run is finished"
+    if run.pruned_ready():
+        return "the pruned model is written"
+    spec = run.read_json("run.json")
+    if spec is not None and not spec["model"].get("gates"):
+        return "the run does not search (--earlybird off)"
+    return None
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    run = RunDir(a.run_dir)
+    while (search := run.read_json("search.json")) is None or run.read_json("run.json") is None:
+        if (why := left_search(run)) is not None:
+            print(f"monitor: {run.path}: {why}; nothing to watch", file=sys.stderr)
+            return 0
+        time.sleep(a.poll)  # the trainer has not started its search yet
+    m = Monitor(a, run, search)
+    try:
+        m.check_flags()
+        m.start_wandb()
+        while True:
+            ticket = m.ticket_step()
+            seen = m.rows[-1]["step"] if m.rows else -1
+            new = [(s, p) for s, p in snapshot_paths(run.gates) if s > seen and (ticket is None or s <= ticket)]
+            for step, path in new:
+                m.process(step, path)
+            ticket = m.ticket_step()
+            why = left_search(run) or (f"the ticket of step {ticket} is drawn" if ticket is not None else None)
+            if new or why:
+                m.write_record()
+                m.log_wandb(m.rows[-len(new):] if new else [])
+            if why:
+                # The trainer writes a snapshot before it looks for a ticket, so every snapshot up
+                # to the ticket's step is on disk by now.
+                print(f"monitor: {why}; stopping", file=sys.stderr, flush=True)
+                return 0
+            time.sleep(a.poll)
+    except TicketError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        m.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
