@@ -255,8 +255,11 @@ def main(argv=None) -> int:
             ticket = m.ticket_step()
             seen = m.rows[-1]["step"] if m.rows else -1
             new = [(s, p) for s, p in snapshot_paths(run.gates) if s > seen and (ticket is None or s <= ticket)]
-            for step, path in new:
+            for i, (step, path) in enumerate(new):
                 m.process(step, path)
+                if ticket is None and run.ticket.exists():  # drawn now: later snapshots do not count
+                    new = new[:i + 1]
+                    break
             ticket = m.ticket_step()
             why = left_search(run) or (f"the ticket of step {ticket} is drawn" if ticket is not None else None)
             if new or why:
