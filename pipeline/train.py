@@ -295,15 +295,15 @@ class Trainer:
         self._set_lr(state["step"], fast_forward=latest is None)
         if self.rank == 0:
             run.truncate_metrics(state["step"])
-            if self.phase == "search":
-                atomic_write_json(run.path / "search.json", {
-                    "snapshot_every": a.snapshot_every, "min_steps": a.search_min_steps,
-                    "max_steps": a.search_max_steps, "prune_heads": a.prune_heads,
-                    "prune_ffn": a.prune_ffn, "l1": a.l1, "heads": model.config.heads,
-                    "ffn": model.config.ffn})
         if self.phase == "search" and a.ticket_weights == "rewind" and state["step"] == 0:
             self._save_initial_weights()
         self.wandb = self._wandb(identity)
+        if self.rank == 0 and self.phase == "search":  # last: the monitor starts when it appears
+            atomic_write_json(run.path / "search.json", {
+                "snapshot_every": a.snapshot_every, "min_steps": a.search_min_steps,
+                "max_steps": a.search_max_steps, "prune_heads": a.prune_heads,
+                "prune_ffn": a.prune_ffn, "l1": a.l1, "heads": model.config.heads,
+                "ffn": model.config.ffn})
         try:
             return self.train(state, ds_cfg)
         finally:

@@ -54,6 +54,8 @@ trap 'forward TERM' TERM INT
 
 rc=0
 for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
+    pruned_before=0
+    [[ -f "$run_dir/pruned/trainer_state.json" ]] && pruned_before=1
     "${launch[@]}" "$@" &
     trainer=$!
     while :; do
@@ -62,7 +64,12 @@ for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
         kill -0 "$trainer" 2>/dev/null || break  # wait returned early for a trapped signal
     done
     trainer=""
-    [[ "$rc" -eq "$EXIT_RELAUNCH" ]] || break
+    # torchrun turns a worker's 76 into its own failure code, so the state of RUN decides too:
+    # a pruned model that appeared during this launch means "relaunch".
+    if [[ "$rc" -ne "$EXIT_RELAUNCH" ]] && ! [[ "$pruned_before" -eq 0 && -f "$run_dir/pruned/trainer_state.json" \
+            && ! -f "$run_dir/finished.json" ]]; then
+        break
+    fi
     echo "pretrain.sh: ticket drawn and pruned model written; relaunching on the reduced model" >&2
 done
 

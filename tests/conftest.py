@@ -26,6 +26,16 @@ def bert_vocab() -> Path:
     return embedded_vocab()
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, wiki_dump):
+    """Real text (the gensim Wikipedia dump) with a trained 1000-token vocabulary, 64 tokens."""
+    from data_prep.build import BuildArgs, build
+    out = tmp_path_factory.mktemp("train_data") / "data"
+    build(BuildArgs(out=out, sources=[f"wikipedia:{wiki_dump}"], vocab_size=1000, seq_len=64,
+                    workers=2, val_fraction=0.05))
+    return out
+
+
 def run_cli(*args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=e, capture_output=True,

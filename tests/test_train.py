@@ -17,15 +17,6 @@ from data_prep.build import BuildArgs, build
 TRAIN = str(ROOT / "pipeline" / "train.py")
 
 
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory, wiki_dump):
-    """Real text (the gensim Wikipedia dump) with a trained 1000-token vocabulary, 64 tokens."""
-    out = tmp_path_factory.mktemp("train_data") / "data"
-    build(BuildArgs(out=out, sources=[f"wikipedia:{wiki_dump}"], vocab_size=1000, seq_len=64,
-                    workers=2, val_fraction=0.05))
-    return out
-
-
 def ds_config(tmp_path: Path, base: str, **changes) -> Path:
     cfg = json.loads((ROOT / "ds_configs" / base).read_text())
     cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
@@ -93,7 +84,7 @@ def test_zero_stages_bf16(tmp_path, small_data, stage, ranks):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = steps(run)
     assert [x["step"] for x in rows] == [1, 2, 3, 4, 5, 6]
-    assert all(x["phase"] == "dense" and x["tokens_per_s"] > 0 for x in rows)
+    assert all(x["phase"] == "search" and x["tokens_per_s"] > 0 for x in rows)  # gated (the default)
     assert rows[-1]["tokens"] == 6 * 4 * 2 * ranks * 64  # no padding in the train split here
     assert rows[-1]["samples"] == 6 * 4 * 2 * ranks
     vals = [x for x in metrics(run) if "val_loss" in x]
@@ -176,11 +167,11 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, small_data):
     cfg.write_text(json.dumps(c))
     run = tmp_path / "run"
     r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                  "--model", "bert-tiny", "--max_steps", 50, "--checkpoint_every", 1000)
+                  "--model", "bert-tiny", "--max_steps", 50, "--checkpoint_every", 1000, "--earlybird", "off")
     assert r.returncode == 3, r.stderr[-2000:]
     assert "the loss is" in r.stderr and "at step" in r.stderr
     bad = metrics(run)[-1]
-    assert bad.get("nonfinite") and not torch.isfinite(torch.tensor(bad["loss"]))
+    assert bad["phase"] == "dense" and bad.get("nonfinite") and not torch.isfinite(torch.tensor(bad["loss"]))
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == bad["step"] - 1
     states = list((run / "checkpoints" / latest["tag"]).glob("*model_states.pt"))

@@ -1,0 +1,103 @@
+"""EarlyBERT ticket benchmark (a benchmark, not a test).
+
+In one run: the training-step time (forward, backward, AdamW) of the dense model, of the gated
+dense model (the searching stage) and of a ticket (the paper's shape: 4 of 12 heads dropped in
+every layer, 30 % of FFN neurons dropped globally, drawn from random gates), against the ratio
+of their FLOPs. Target: the realised speed-up (dense time / ticket time) at least 90 % of the
+FLOPs-predicted one (dense FLOPs / ticket FLOPs) on CPU, 95 % on a GPU with bert-base.
+Prints a table and writes bench/out/earlybird.json.
+
+    python bench/earlybird.py [--dtype bf16 fp32] [--layers 6 --hidden 384 --heads 12 --ffn 1536]
+        [--seq 128 --batch 2 --steps 2]          # on a GPU: --layers 12 --hidden 768 --ffn 3072
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.train_step import batch, timed  # noqa: E402
+from pipeline.earlybird import draw_masks  # noqa: E402
+from pipeline.model import BertConfig, BertForMLM  # noqa: E402
+from pipeline.prune import pruned_config  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def step_time(config: BertConfig, dtype, a, device) -> float:
+    torch.manual_seed(0)
+    model = BertForMLM(config).to(device=device, dtype=dtype)
+    if config.gates:
+        model.l1 = 1e-4
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids, labels, seg = batch(a.batch, a.seq, config.vocab_size, device)
+
+    def step():
+        loss, _, _ = model(ids, segment_ids=seg, labels=labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed(step, a.steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--ffn", type=int, default=1536)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--prune_heads", type=int, default=4)
+    p.add_argument("--prune_ffn", type=float, default=0.3)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "earlybird.json")
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dense = BertConfig(vocab_size=a.vocab, hidden_size=a.hidden, heads=[a.heads] * a.layers,
+                       ffn=[a.ffn] * a.layers, head_size=a.hidden // a.heads, max_position_embeddings=max(512, a.seq),
+                       dropout=0.0, attention_dropout=0.0)
+    rng = np.random.default_rng(0)  # trained gates stand-in: the ticket's shape is what matters here
+    heads, ffn = draw_masks([rng.random(a.heads) for _ in range(a.layers)],
+                            [rng.random(a.ffn) for _ in range(a.layers)], a.prune_heads, a.prune_ffn)
+    ticket = pruned_config(dense, heads, ffn)
+    with torch.device("meta"):
+        flops = {name: BertForMLM(c).flops_per_sequence(a.seq, 0.15) for name, c in (("dense", dense),
+                                                                                  ("ticket", ticket))}
+    predicted = flops["dense"] / flops["ticket"]
+    rows = []
+    for dt in a.dtype:
+        t_dense = step_time(dense, DTYPES[dt], a, device)
+        t_gated = step_time(replace(dense, gates=True), DTYPES[dt], a, device)
+        t_ticket = step_time(ticket, DTYPES[dt], a, device)
+        realised = t_dense / t_ticket
+        rows.append({"dtype": dt, "dense_s": t_dense, "gated_s": t_gated, "ticket_s": t_ticket,
+                     "realised_speedup": realised, "flops_speedup": predicted,
+                     "realised_over_predicted": realised / predicted})
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(a).items()},
+            "ticket_heads": ticket.heads, "ticket_ffn": ticket.ffn, "flops_per_sequence": flops, "rows": rows}
+    print(f"dense {a.layers}x{a.hidden}, {a.heads} heads, FFN {a.ffn}, seq {a.seq}, batch {a.batch}, "
+          f"vocab {a.vocab}; ticket heads {ticket.heads}, FFN {ticket.ffn}")
+    print(f"{'dtype':<6} {'dense s':>9} {'gated s':>9} {'ticket s':>9} {'speed-up':>9} {'FLOPs':>7} "
+          f"{'realised/FLOPs':>15}")
+    for r in rows:
+        print(f"{r['dtype']:<6} {r['dense_s']:>9.3f} {r['gated_s']:>9.3f} {r['ticket_s']:>9.3f} "
+              f"{r['realised_speedup']:>9.3f} {r['flops_speedup']:>7.3f} {r['realised_over_predicted']:>15.1%}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
