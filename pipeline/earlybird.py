@@ -5,6 +5,10 @@ Masks are lists with one boolean array per layer (True = kept). Heads are pruned
 across all layers). Selection is top-k on |gate| with a deterministic tie-break: equal values
 keep the lower index (and, across layers, the lower layer), so equal gates never prune
 everything the way the released code's `> quantile` threshold does.
+
+Also the files the trainer and the monitor exchange through RUN: gate snapshots
+(RUN/gates/step-NNNNNNN.npz) and the ticket (RUN/ticket.json, written once, checked against the
+run's fingerprint and the model's shape before use).
 """
 from __future__ import annotations
 

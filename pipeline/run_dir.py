@@ -5,8 +5,8 @@ RUN/run.json            what the run is (model config, data, DeepSpeed config): 
 RUN/metrics.jsonl       one JSON object per logged step (and per validation)
 RUN/checkpoints/        DeepSpeed checkpoints step-NNNNNNN/, and latest.json pointing at the last
                         complete one (a checkpoint is written as tmp-step-NNNNNNN/ and renamed)
-RUN/wandb_id            the W&B run id, so a resumed run continues the same W&B run
-RUN/wandb.json          where the trainer logs in W&B (the monitor joins its group)
+RUN/wandb.json          the W&B run (id, project, group), so a relaunched or resumed run continues
+                        the same W&B run and the monitor joins its group
 RUN/search.json         the searching stage's settings (snapshot interval, pruning amounts, rule)
 RUN/gates/              gate snapshots step-NNNNNNN.npz (|gate| per layer), from rank 0
 RUN/earlybird/          the monitor's record: distances.jsonl and PNG plots

@@ -292,6 +292,10 @@ class Trainer:
             self.log(f"efficient stage: {sum(model.config.heads)} heads, FFN {sum(model.config.ffn)} "
                      f"(ticket of step {pruned_state['ticket_step']}), from step {state['step']}")
         self.ticket_taken_at = pruned_state["state"]["step"] if pruned_state else None
+        if self.phase == "search" and a.ticket_weights == "rewind" and state["step"] > 0 \
+                and not (run.path / "init.safetensors").exists():
+            raise BadInput(f"--ticket_weights rewind: {run.path / 'init.safetensors'} is missing (the "
+                           "search began without this flag, so its starting weights were not kept)")
         self._set_lr(state["step"], fast_forward=latest is None)
         if self.rank == 0:
             run.truncate_metrics(state["step"])

@@ -261,10 +261,10 @@ def test_wandb_offline_run_id_survives_a_resume(tmp_path, small_data):
               "--wandb_project", "earlybert-test", "--wandb_mode", "offline"]
     r = run_train(train_cmd(1), *common, "--max_steps", 2)
     assert r.returncode == 0, r.stderr[-2000:]
-    run_id = (run / "wandb_id").read_text()
+    run_id = json.loads((run / "wandb.json").read_text())["id"]
     r = run_train(train_cmd(1), *common, "--max_steps", 4)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (run / "wandb_id").read_text() == run_id
+    assert json.loads((run / "wandb.json").read_text())["id"] == run_id
     offline = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 2  # both processes logged to the same W&B run id
     assert [x["step"] for x in steps(run)] == [1, 2, 3, 4]
