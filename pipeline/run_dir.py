@@ -15,6 +15,8 @@ RUN/init.safetensors    the weights before the search (--ticket_weights rewind o
 RUN/pruned/             the reduced model (Hugging Face format) and trainer_state.json: where
                         the efficient stage starts
 RUN/final/              the model and tokenizer in Hugging Face format
+RUN/stop                a stop request (slurm/pretrain.sh writes it on Slurm's warning signal): the
+                        trainer checkpoints at the next step boundary, removes it and exits 75
 RUN/finished.json       written last: the run is done
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ class RunDir:
         self.earlybird = self.path / "earlybird"
         self.ticket = self.path / "ticket.json"
         self.pruned = self.path / "pruned"
+        self.stop_request = self.path / "stop"
 
     def fingerprint(self) -> str | None:
         """Names this run in its ticket, so a ticket from another run is refused."""

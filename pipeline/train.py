@@ -13,6 +13,9 @@ reached: the trainer draws the ticket itself) -> checkpoint, RUN/pruned/, exit 7
 command again -> efficient stage on the pruned model, continuing step, LR schedule and data.
 `--earlybird off` trains the dense model. slurm/pretrain.sh runs the loop.
 
+A stop request (SIGTERM, SIGUSR1, or the file RUN/stop, which works across nodes and launchers)
+checkpoints at the next step boundary and exits 75.
+
 Exit codes: 0 done (or already finished); 2 bad input (nothing in RUN touched); 3 the loss
 became NaN/inf (a checkpoint of the last good state was written); 75 stopped on SIGTERM/SIGUSR1
 or --max_time after a checkpoint; 76 the ticket is drawn and RUN/pruned/ written. After 75 and
@@ -384,13 +387,15 @@ class Trainer:
                 self._snapshot(state["step"])
             if a.eval_every and state["step"] % a.eval_every == 0 and state["step"] < a.max_steps:
                 self.evaluate(state["step"])
-            stop = self._agree(self.stop_signal)
+            stop = self._agree(self.stop_signal or (self.rank == 0 and self.run.stop_request.exists()))
             out_of_time = a.max_time is not None and self._agree(
                 int(time.time() - t_start + 2 * dt + 10 > a.max_time))
             if state["step"] % a.checkpoint_every == 0 or stop or out_of_time or state["step"] == a.max_steps:
                 self.checkpoint(state)
             if stop or out_of_time:
-                self.log(f"stopped at step {state['step']} ({'signal' if stop else '--max_time'}); "
+                if self.rank == 0:
+                    self.run.stop_request.unlink(missing_ok=True)  # acted on: the next launch runs
+                self.log(f"stopped at step {state['step']} ({'stop request' if stop else '--max_time'}); "
                          f"checkpointed: run the same command to continue (exit {EXIT_PREEMPTED})")
                 return EXIT_PREEMPTED
         self.evaluate(state["step"])

@@ -153,6 +153,12 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, small_data):
                   "--model", "bert-tiny", "--max_steps", latest["step"] + 2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [x["step"] for x in steps(run)] == list(range(1, latest["step"] + 3))
+    # RUN/stop (how slurm/pretrain.sh relays Slurm's warning across nodes): one more step, then 75.
+    (run / "stop").write_text("")
+    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
+                  "--model", "bert-tiny", "--max_steps", 400)
+    assert r.returncode == 75 and "stop request" in r.stderr and not (run / "stop").exists()
+    assert steps(run)[-1]["step"] == latest["step"] + 3
     # --max_time: stops with a checkpoint before the budget runs out.
     r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir",
                   tmp_path / "timed", "--model", "bert-tiny", "--max_steps", 10000, "--max_time", 20)
