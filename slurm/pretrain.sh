@@ -2,20 +2,55 @@
 # EarlyBERT pre-training: the early-bird monitor beside the trainer, and the relaunch loop
 # (searching stage -> ticket -> exit 76 -> efficient stage on the pruned model -> export).
 #
-#   bash slurm/pretrain.sh --deepspeed_config ds_configs/X.json --data DATA --run_dir RUN \
+#   sbatch slurm/pretrain.sh --deepspeed_config ds_configs/X.json --data DATA --run_dir RUN \
 #       --model PRESET --max_steps N [any other pipeline/train.py flag]
+#   bash slurm/pretrain.sh ...            (the same on this machine, without Slurm)
 #
-# Outside Slurm it runs on this machine: every local GPU through torchrun, or one CPU process
-# (NPROC=K overrides the number of processes). The run directory holds all state, so running
-# the same command again continues a stopped run. Environment: PYTHON (default python3),
-# MONITOR_FLAGS (extra flags for `python -m pipeline.monitor`, e.g. "--epsilon 0.05").
+# The defaults below are for one typical 8-GPU node; override any of them on the sbatch command
+# line (`sbatch -N 4 --gpus-per-node 4 --time 12:00:00 slurm/pretrain.sh ...`). For a cluster:
+#   --partition / --account / --qos  where you may run (add them);
+#   --gpus-per-node, --cpus-per-task  what one node has: one task per node runs torchrun, which
+#                                     starts one training process per GPU (no ssh between nodes:
+#                                     the ranks meet at a c10d rendezvous on the first node);
+#   --time                            the limit; a longer run is requeued and continues from RUN;
+#   --signal=B:USR1@SECONDS           the warning before the limit or a preemption: the trainer
+#                                     checkpoints at its next step boundary and the job requeues
+#                                     itself; SECONDS must cover one step plus a checkpoint.
+# RUN, DATA and this repository must be on a file system every node sees.
+#SBATCH --job-name=earlybert
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+#
+# Environment: PYTHON (default python3), NPROC (training processes per node; default the GPUs,
+# else 1 process on the CPU), MONITOR_FLAGS (extra `python -m pipeline.monitor` flags),
+# LOG_DIR (Slurm: per-stage logs, default logs/).
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+in_slurm=0
+[[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1
+script=""
+if [[ "$in_slurm" -eq 1 ]]; then  # sbatch runs a copy from its spool: find the repository
+    script="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Command=\([^ ]*\).*/\1/p')"
+fi
+if [[ -n "$script" && -f "$script" ]]; then
+    ROOT="$(cd "$(dirname "$script")/.." && pwd)"
+elif [[ "$in_slurm" -eq 1 && -f "${SLURM_SUBMIT_DIR:-}/pipeline/train.py" ]]; then
+    ROOT="$SLURM_SUBMIT_DIR"
+else
+    ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+fi
 PYTHON="${PYTHON:-python3}"
 EXIT_RELAUNCH=76
 MAX_LAUNCHES=5
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+log() { echo "pretrain.sh: $*" >&2; }
 
 run_dir=""
 args=("$@")
@@ -26,37 +61,71 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 if [[ -z "$run_dir" ]]; then
-    echo "error: slurm/pretrain.sh needs the train flags, --run_dir RUN among them" >&2
+    log "error: the train flags are needed, --run_dir RUN among them"
     exit 2
 fi
 
 if [[ -n "${NPROC:-}" ]]; then
     nproc="$NPROC"
+elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    nproc="$SLURM_GPUS_ON_NODE"
 else
     nproc="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 fi
-if [[ "$nproc" -ge 2 || ( "$nproc" -ge 1 && -n "$(command -v nvidia-smi)" ) ]]; then
+[[ "$nproc" -ge 1 ]] 2>/dev/null || nproc=1
+
+if [[ "$in_slurm" -eq 1 ]]; then
+    nodes="${SLURM_JOB_NUM_NODES:-1}"
+    first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    port=$((20000 + SLURM_JOB_ID % 20000))
+    log_dir="${LOG_DIR:-logs}"
+    mkdir -p "$log_dir"
+    launch=(srun --nodes "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1 --open-mode=append
+            "$PYTHON" -m torch.distributed.run --nnodes "$nodes" --nproc_per_node "$nproc"
+            --rdzv_backend c10d --rdzv_endpoint "$first:$port" --rdzv_id "$SLURM_JOB_ID"
+            "$ROOT/pipeline/train.py")
+    monitor_log="$log_dir/$SLURM_JOB_NAME-$SLURM_JOB_ID-monitor.log"
+    log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $nproc process(es), rendezvous $first:$port"
+elif [[ "$nproc" -ge 2 || -n "$(command -v nvidia-smi)" ]]; then
     launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$ROOT/pipeline/train.py")
+    monitor_log=/dev/stderr
 else
     launch=("$PYTHON" "$ROOT/pipeline/train.py")
+    monitor_log=/dev/stderr
 fi
 
-# The monitor watches RUN/gates/ and exits by itself when the search is over.
+# The monitor watches RUN/gates/ and exits by itself when the search is over; under Slurm it
+# runs here, on the first node.
 # shellcheck disable=SC2086
-"$PYTHON" -m pipeline.monitor --run_dir "$run_dir" ${MONITOR_FLAGS:-} &
+"$PYTHON" -m pipeline.monitor --run_dir "$run_dir" ${MONITOR_FLAGS:-} >>"$monitor_log" 2>&1 &
 monitor=$!
 trainer=""
-forward() {  # a preemption warning or a stop request: the trainer checkpoints and exits 75
-    [[ -n "$trainer" ]] && kill -s "$1" "$trainer" 2>/dev/null
+stop_asked=0
+ask_to_stop() {  # Slurm's warning (USR1), or TERM/INT: checkpoint at the next step boundary
+    stop_asked=1
+    log "received $1: the trainer checkpoints at its next step boundary"
+    if [[ -d "$run_dir" ]]; then
+        : >"$run_dir/stop"  # a file in RUN reaches every rank on every node
+    elif [[ -n "$trainer" ]]; then
+        kill -s "$1" "$trainer" 2>/dev/null
+    fi
 }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM INT
+trap 'ask_to_stop USR1' USR1
+trap 'ask_to_stop TERM' TERM
+trap 'ask_to_stop INT' INT
+rm -f "$run_dir/stop"  # a request a killed launch never saw
 
 rc=0
 for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
     pruned_before=0
-    [[ -f "$run_dir/pruned/trainer_state.json" ]] && pruned_before=1
-    "${launch[@]}" "$@" &
+    stage=search
+    if [[ -f "$run_dir/pruned/trainer_state.json" ]]; then pruned_before=1; stage=efficient; fi
+    if [[ "$in_slurm" -eq 1 ]]; then
+        "${launch[@]:0:1}" --output "$log_dir/$SLURM_JOB_NAME-$SLURM_JOB_ID-$stage.log" \
+            "${launch[@]:1}" "$@" &
+    else
+        "${launch[@]}" "$@" &
+    fi
     trainer=$!
     while :; do
         wait "$trainer"
@@ -64,17 +133,27 @@ for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
         kill -0 "$trainer" 2>/dev/null || break  # wait returned early for a trapped signal
     done
     trainer=""
+    [[ "$stop_asked" -eq 1 ]] && break
     # torchrun turns a worker's 76 into its own failure code, so the state of RUN decides too:
     # a pruned model that appeared during this launch means "relaunch".
     if [[ "$rc" -ne "$EXIT_RELAUNCH" ]] && ! [[ "$pruned_before" -eq 0 && -f "$run_dir/pruned/trainer_state.json" \
             && ! -f "$run_dir/finished.json" ]]; then
         break
     fi
-    echo "pretrain.sh: ticket drawn and pruned model written; relaunching on the reduced model" >&2
+    log "ticket drawn and pruned model written; relaunching on the reduced model"
 done
 
 kill "$monitor" 2>/dev/null
 wait "$monitor" 2>/dev/null
+if [[ "$stop_asked" -eq 1 && ! -f "$run_dir/finished.json" ]]; then
+    if [[ "$in_slurm" -eq 1 ]]; then
+        log "stopped with a checkpoint; requeueing job $SLURM_JOB_ID to continue"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    log "stopped with a checkpoint; run the same command to continue"
+    exit 75
+fi
 if [[ -f "$run_dir/run.json" ]]; then
     "$PYTHON" -m pipeline.summary --run_dir "$run_dir"
 fi
