@@ -1,0 +1,89 @@
+"""`sbatch slurm/pretrain.sh` on a real one-node Slurm cluster (started here, see slurm_cluster.py):
+the whole EarlyBERT loop, preemption (the warning signal, then `scontrol requeue`) with every step
+counted once, and a bad argument failing fast."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from slurm_cluster import SlurmCluster
+from test_train import ds_config, steps
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting Slurm needs root")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+def submit(slurm, tmp_path: Path, *train_flags, extra_env=None) -> str:
+    """sbatch with the script's GPU-node defaults overridden for this CPU-only node."""
+    env = dict(slurm.env, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"), WANDB_MODE="disabled",
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
+    r = slurm.cmd(["sbatch", "--parsable", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
+                   "--mem=0", f"--output={tmp_path}/%x-%j.out", str(ROOT / "slurm" / "pretrain.sh"),
+                   *map(str, train_flags)], cwd=tmp_path, env=env)
+    return r.stdout.strip().split(";")[0]
+
+
+def flags(tmp_path, data, run, max_steps, *more):
+    return ["--deepspeed_config", ds_config(tmp_path, "cpu.json"), "--data", data, "--run_dir", run,
+            "--model", "bert-tiny", "--max_steps", max_steps, "--snapshot_every", 2, "--eval_every", 0, *more]
+
+
+def test_sbatch_pretrain_whole_loop(slurm, tmp_path, small_data):
+    run = tmp_path / "run"
+    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, run, 40, "--search_max_steps", 16))
+    result = slurm.wait(job, timeout=400)
+    out = (tmp_path / f"earlybert-{job}.out").read_text()
+    assert result == "COMPLETED" and result.returncode == 0, out[-3000:]
+    assert "EarlyBERT run summary" in out and "ticket:           step" in out and "finished:         step 40" in out
+    assert json.loads((run / "finished.json").read_text())["step"] == 40
+    assert [x["step"] for x in steps(run)] == list(range(1, 41))
+    assert {x["phase"] for x in steps(run)} == {"search", "efficient"}
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == [f"earlybert-{job}-{s}.log" for s in ("efficient", "monitor", "search")]
+    assert "exit 76" in (tmp_path / "logs" / f"earlybert-{job}-search.log").read_text()
+
+
+def test_preemption_requeues_and_every_step_counts_once(slurm, tmp_path, small_data):
+    run = tmp_path / "run"
+    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, run, 400, "--search_max_steps", 200,
+                                         "--checkpoint_every", 1000))
+
+    def wait_steps(n, timeout=240):
+        deadline = time.time() + timeout
+        while not ((run / "metrics.jsonl").exists() and len(steps(run)) >= n):
+            assert time.time() < deadline and slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+                slurm.diagnostics()
+            time.sleep(0.3)
+
+    wait_steps(30)
+    slurm.cmd(["scancel", "--batch", "--signal=USR1", job])  # Slurm's warning, to the batch shell (B:USR1)
+    slurm.wait_state(job, ("PENDING", "REQUEUED", "REQUEUE_HOLD"), timeout=120)
+    assert "requeueing job" in (tmp_path / f"earlybert-{job}.out").read_text()
+    first = steps(run)[-1]["step"]
+    wait_steps(first + 30)  # the requeued job resumed from RUN
+    slurm.requeue(job)  # an abrupt requeue, no warning: resume from the last checkpoint
+    result = slurm.wait(job, timeout=600)
+    out = (tmp_path / f"earlybert-{job}.out").read_text()
+    assert result == "COMPLETED" and result.returncode == 0, out[-3000:]
+    assert int(result.info["Restarts"]) == 2
+    assert [x["step"] for x in steps(run)] == list(range(1, 401))  # strictly increasing, none missing
+    assert json.loads((run / "finished.json").read_text())["step"] == 400
+
+
+def test_bad_argument_fails_fast(slurm, tmp_path, small_data):
+    t0 = time.time()
+    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, tmp_path / "run", 10, "--prune_ffn", 2))
+    result = slurm.wait(job, timeout=180)
+    assert result == "FAILED" and time.time() - t0 < 120
+    log = (tmp_path / "logs" / f"earlybert-{job}-search.log").read_text()
+    assert "--prune_ffn" in log and "must be in [0, 1)" in log
+    assert not (tmp_path / "run").exists()
