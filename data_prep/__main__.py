@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of documents in the validation split")
     b.add_argument("--shard-size", type=int, default=1 << 17, help="sequences per shard")
     b.add_argument("--overwrite", action="store_true", help="replace a finished OUT")
+    b.add_argument("--task", metavar="I/N", help="one Slurm array task's share (slurm/prep_data.sh); "
+                                                 "the same command without --task then merges")
 
     i = sub.add_parser("inspect", help="manifest summary, statistics and decoded samples")
     i.add_argument("out", type=Path)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             build(BuildArgs(out=args.out, sources=args.source, seq_len=args.seq_len,
                             vocab_size=args.vocab_size, tokenizer=args.tokenizer, cased=args.cased,
                             workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
-                            shard_size=args.shard_size, overwrite=args.overwrite))
+                            shard_size=args.shard_size, overwrite=args.overwrite, task=args.task))
         elif args.command == "inspect":
             from .inspect import inspect
             inspect(args.out, args.samples)

@@ -10,6 +10,11 @@ is written last. The stages, each resumable after a kill:
                 bytes are the same for any --workers.
   3. shard      a seeded global permutation of each split, written shard by shard.
   4. finalize   .work/final/* moved into OUT, manifest.json written, .work removed.
+
+As a Slurm array (slurm/prep_data.sh), `--task I/N` runs only the costly part of stage 2 for the
+chunks whose index is I modulo N, saving each chunk's result in OUT/.array/chunks/; the merge
+(the plain command afterwards) packs those results instead of recomputing them, so its output is
+byte-identical to a one-machine build with the same flags.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -40,6 +46,7 @@ CHUNK_DOCS = 512
 CHUNK_CHARS = 1 << 20
 # How often the pack stage saves its state (seconds); tests shorten it to kill builds mid-way.
 CHECKPOINT_SECONDS = float(os.environ.get("DATA_PREP_CHECKPOINT_SECONDS", "5"))
+ARRAY_DIR = ".array"  # OUT/.array: what array tasks computed for the merge
 
 
 def embedded_corpus() -> str:
@@ -66,13 +73,25 @@ class BuildArgs:
     val_fraction: float = 0.005
     shard_size: int = 1 << 17
     overwrite: bool = False
+    task: str | None = None  # "I/N": one Slurm array task's share of the chunks
 
     def recorded(self) -> dict:
-        """What determines the output bytes (not --workers, --overwrite)."""
+        """What determines the output bytes (not --workers, --overwrite, --task)."""
         d = asdict(self)
-        for k in ("out", "workers", "overwrite"):
+        for k in ("out", "workers", "overwrite", "task"):
             d.pop(k)
         return d
+
+    def task_slice(self) -> tuple[int, int] | None:
+        if self.task is None:
+            return None
+        try:
+            i, n = (int(x) for x in self.task.split("/"))
+        except ValueError:
+            i = n = -1
+        if not 0 <= i < n:
+            raise DataPrepError(f"--task {self.task}: expected I/N with 0 <= I < N")
+        return i, n
 
     def check(self) -> list[SourceSpec]:
         if not self.sources:
@@ -89,6 +108,7 @@ class BuildArgs:
             raise DataPrepError(f"--shard-size {self.shard_size}: must be at least 1 sequence")
         if self.workers < 1:
             raise DataPrepError(f"--workers {self.workers}: must be at least 1")
+        self.task_slice()
         if self.vocab_size is not None and self.vocab_size < 100:
             raise DataPrepError(f"--vocab-size {self.vocab_size}: too small for WordPiece")
         specs = [parse_spec(s) for s in self.sources]
@@ -217,7 +237,9 @@ class Build:
         self.state_path = self.work / "state.json"
         self.t0 = time.time()
 
-    def run(self) -> dict:
+    def run(self) -> dict | None:
+        if self.args.task is not None:
+            return self.run_task(*self.args.task_slice())
         if self._finished():
             print(f"{self.out}: already built with these arguments (manifest.json); nothing to do",
                   file=sys.stderr)
@@ -259,7 +281,7 @@ class Build:
         fresh = {"args": self.args.recorded(), "stage": "tokenizer", "chunks_done": 0,
                  "splits": {}, "sources": [{} for _ in self.specs]}
         if self.out.exists() and not (self.out / "manifest.json").exists() \
-                and not self.state_path.exists() and any(p.name != ".work" for p in self.out.iterdir()) \
+                and not self.state_path.exists() and any(p.name not in (".work", ARRAY_DIR) for p in self.out.iterdir()) \
                 and not self.args.overwrite:
             raise DataPrepError(f"{self.out}: exists and is not a data_prep output; pass --overwrite "
                                 "or choose another --out")
@@ -290,19 +312,92 @@ class Build:
             return tok
         if given is not None:
             tok = given
+        elif self._array_ready() and (self.out / ARRAY_DIR / "tokenizer").is_dir():
+            tok = load_saved(self.out / ARRAY_DIR / "tokenizer")  # trained by the array tasks
         else:
-            print(f"training a WordPiece vocabulary of {self.args.vocab_size} on the train split",
-                  file=sys.stderr)
-            texts = (t for batch in run_ordered(clean_chunk, iter_chunks(self.specs), self.args.workers,
-                                                self._init_args(tokenize=False)) for t in batch)
-            tok = train_tokenizer(texts, self.args.vocab_size, self.args.cased)
+            tok = self._train_tokenizer()
         tok.save(path)
         self._save(stage="pack")
         return tok
 
-    def _init_args(self, tokenize: bool) -> tuple:
-        return (str(self.work / "tokenizer" / "tokenizer.json"), self.args.seed,
+    def _train_tokenizer(self):
+        print(f"training a WordPiece vocabulary of {self.args.vocab_size} on the train split",
+              file=sys.stderr)
+        texts = (t for batch in run_ordered(clean_chunk, iter_chunks(self.specs), self.args.workers,
+                                            self._init_args(tokenize=False)) for t in batch)
+        return train_tokenizer(texts, self.args.vocab_size, self.args.cased)
+
+    def _init_args(self, tokenize: bool, tokenizer_dir: Path | None = None) -> tuple:
+        return (str((tokenizer_dir or self.work / "tokenizer") / "tokenizer.json"), self.args.seed,
                 self.args.val_fraction, tokenize, np.dtype(self.dtype).str if tokenize else "<u4")
+
+    # -- Slurm array tasks (stage 2's costly part, a slice each) and what the merge reads
+    def run_task(self, index: int, count: int) -> None:
+        arr = self.out / ARRAY_DIR
+        if (self.out / "manifest.json").exists() and not self.args.overwrite:
+            raise DataPrepError(f"{self.out}: holds a finished build; pass --overwrite to rebuild it")
+        (arr / "chunks").mkdir(parents=True, exist_ok=True)
+        recorded = {"args": self.args.recorded(), "tasks": count}
+        if (arr / "args.json").exists() and json.loads((arr / "args.json").read_text()) != recorded:
+            raise DataPrepError(f"{arr}: holds array results made with other arguments or another task "
+                                "count; remove it or use the same flags")
+        atomic_write_json(arr / "args.json", recorded)
+        given = load_tokenizer(self.args.tokenizer, self.args.cased) if self.args.tokenizer else None
+        tok = given if given is not None else (load_saved(arr / "tokenizer") if (arr / "tokenizer").is_dir()
+                                                else self._train_tokenizer())
+        self.dtype = token_dtype(len(tok))
+        tmp = arr / f".tokenizer.tmp{index}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save(tmp)
+        try:
+            os.rename(tmp, arr / "tokenizer")  # the first task's copy stays; all are identical
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        total = 0
+
+        def mine():
+            nonlocal total
+            for c in iter_chunks(self.specs):
+                total = c["index"] + 1
+                if c["index"] % count == index and not (arr / "chunks" / f"{c['index']:08d}.pkl").exists():
+                    yield c
+        done = 0
+        for result in run_ordered(process_chunk, mine(), self.args.workers,
+                                  self._init_args(True, arr / "tokenizer")):
+            path = arr / "chunks" / f"{result['index']:08d}.pkl"
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+            os.replace(tmp, path)
+            done += 1
+        atomic_write_json(arr / f"task-{index}.json", {"chunks": total})
+        print(f"{self.out}: task {index}/{count}: {done} chunk(s) of {total} computed", file=sys.stderr)
+        return None
+
+    def _array_ready(self) -> bool:
+        """Array results made with these arguments, every task finished."""
+        arr = self.out / ARRAY_DIR
+        try:
+            recorded = json.loads((arr / "args.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if recorded.get("args") != self.args.recorded():
+            return False
+        return all((arr / f"task-{i}.json").exists() for i in range(recorded["tasks"]))
+
+    def _chunk_results(self, done: int):
+        """Stage 2's results in chunk order: the array tasks' files when they are all there,
+        else computed here."""
+        arr = self.out / ARRAY_DIR
+        if self._array_ready():
+            total = json.loads((arr / "task-0.json").read_text())["chunks"]
+            paths = [arr / "chunks" / f"{i:08d}.pkl" for i in range(done, total)]
+            if all(p.exists() for p in paths):
+                print(f"{self.out}: packing the array tasks' results ({total} chunks)", file=sys.stderr)
+                for p in paths:
+                    yield pickle.loads(p.read_bytes())
+                return
+        todo = (c for c in iter_chunks(self.specs) if c["index"] >= done)
+        yield from run_ordered(process_chunk, todo, self.args.workers, self._init_args(True))
 
     # -- stage 2
     def _pack(self) -> None:
@@ -312,12 +407,11 @@ class Build:
                                      self.state["splits"].get(name)) for name in SPLITS}
         sources = [Counter(s) for s in self.state["sources"]]
         done = self.state["chunks_done"]
-        todo = (c for c in iter_chunks(self.specs) if c["index"] >= done)
         bar = tqdm(desc="pack", unit=" docs", unit_scale=True, smoothing=0.05, file=sys.stderr,
                    dynamic_ncols=True, mininterval=1.0)
         tokens0 = sum(p.num_tokens for p in packers.values())
         last_save = time.time()
-        for result in run_ordered(process_chunk, todo, self.args.workers, self._init_args(True)):
+        for result in self._chunk_results(done):
             stats = sources[result["source"]]
             stats.update(result["stats"])
             for val, ids, first, last in result["pieces"]:
@@ -415,6 +509,7 @@ class Build:
                 os.replace(src, self.out / name)
         atomic_write_json(self.out / "manifest.json", manifest)
         shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.out / ARRAY_DIR, ignore_errors=True)
         return manifest
 
     def _summary(self, m: dict) -> None:

@@ -426,3 +426,9 @@ def test_directory_of_dumps_other_language_and_utf16(tmp_path, wiki_dump):
     out = tmp_path / "out"
     build(BuildArgs(out=out, sources=[f"wikipedia:{dumps}"], workers=2, val_fraction=0.05))
     check_round_trip(out, [f"wikipedia:{dumps}"], 0.05)
+
+
+def test_bad_array_task_flag(tmp_path):
+    for bad_task in ("3/3", "x", "-1/2"):
+        r = run_cli("-m", "data_prep", "build", "--out", tmp_path / "o", f"--task={bad_task}")
+        assert r.returncode == 2 and f"--task {bad_task}" in r.stderr and not (tmp_path / "o").exists()

@@ -87,3 +87,26 @@ def test_bad_argument_fails_fast(slurm, tmp_path, small_data):
     log = (tmp_path / "logs" / f"earlybert-{job}-search.log").read_text()
     assert "--prune_ffn" in log and "must be in [0, 1)" in log
     assert not (tmp_path / "run").exists()
+
+
+def test_prep_data_array_equals_one_machine_build(slurm, tmp_path, wiki_dump):
+    from conftest import tree_bytes
+    from data_prep.build import BuildArgs, build
+    build_flags = ["--source", f"wikipedia:{wiki_dump}", "--vocab-size", "1000", "--seq-len", "64",
+                   "--val-fraction", "0.05", "--shard-size", "5000"]
+    env = dict(slurm.env, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    array = slurm.cmd(["sbatch", "--parsable", "--array=0-2", "--cpus-per-task=1",
+                       str(ROOT / "slurm" / "prep_data.sh"), *build_flags, "--out", str(tmp_path / "array")],
+                      cwd=tmp_path, env=env).stdout.strip()
+    deadline = time.time() + 400
+    while not (tmp_path / "array" / "manifest.json").exists() or slurm.squeue():
+        assert time.time() < deadline, slurm.diagnostics()
+        time.sleep(1)
+    outputs = {p.name: p.read_text() for p in tmp_path.glob("prep_data*.out")}
+    assert len(outputs) == 4, outputs  # three tasks and the merge, each its own log
+    merge_log = next(v for k, v in outputs.items() if "merge" in k)
+    assert "packing the array tasks' results" in merge_log, merge_log[-2000:]
+    assert f"runs after array job {array}" in "".join(outputs.values())
+    build(BuildArgs(out=tmp_path / "single", sources=[f"wikipedia:{wiki_dump}"], vocab_size=1000, seq_len=64,
+                    val_fraction=0.05, shard_size=5000, workers=2))
+    assert tree_bytes(tmp_path / "array") == tree_bytes(tmp_path / "single")

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Data preparation as a Slurm array job, byte-identical to `python -m data_prep build` on one
+# machine with the same flags.
+#
+#   sbatch slurm/prep_data.sh --source wikipedia:DUMP --source text:BOOKS --out DATA [build flags]
+#   sbatch --array=0-31 slurm/prep_data.sh ...        (32 tasks; default 8)
+#
+# Each array task runs `python -m data_prep build FLAGS --task I/N`: it reads the inputs in their
+# fixed order and cleans and tokenizes the chunks whose index is I modulo N (the costly part),
+# saving them in DATA/.array/. The first task submits the merge job (this script again, with
+# PREP_DATA_MERGE=1) with a dependency on the whole array (afterok); the merge packs, shuffles
+# and shards the saved chunks and writes DATA/manifest.json. A failed task cancels the merge;
+# resubmitting the same command reuses every chunk already saved. With --vocab-size, every task
+# trains the (identical) vocabulary itself: give --tokenizer to avoid that cost.
+# DATA and this repository must be on a file system every node sees. Environment: PYTHON.
+#SBATCH --job-name=prep_data
+#SBATCH --array=0-7
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=16
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%A_%a.out
+set -euo pipefail
+
+script=""
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then  # sbatch runs a copy from its spool: find the repository
+    script="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Command=\([^ ]*\).*/\1/p' | head -n 1)"
+fi
+if [[ -n "$script" && -f "$script" ]]; then
+    ROOT="$(cd "$(dirname "$script")/.." && pwd)"
+elif [[ -f "${SLURM_SUBMIT_DIR:-}/data_prep/build.py" ]]; then
+    ROOT="$SLURM_SUBMIT_DIR"
+else
+    ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    script="$ROOT/slurm/prep_data.sh"
+fi
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+workers="${SLURM_CPUS_PER_TASK:-$(nproc)}"
+
+if [[ "${PREP_DATA_MERGE:-0}" == 1 ]]; then
+    echo "prep_data.sh: merging the array's results" >&2
+    exec "$PYTHON" -m data_prep build "$@" --workers "$workers"
+fi
+if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+    echo "error: slurm/prep_data.sh is an array job: submit it with sbatch (or run" \
+         "python -m data_prep build directly)" >&2
+    exit 2
+fi
+
+task="$SLURM_ARRAY_TASK_ID"
+count="${SLURM_ARRAY_TASK_COUNT:-1}"
+first="${SLURM_ARRAY_TASK_MIN:-0}"
+task=$((task - first))  # --array=8-15 works too
+if [[ "$task" -eq 0 ]]; then
+    same=(--cpus-per-task "${SLURM_CPUS_PER_TASK:-1}")  # the array's own resources, not the defaults
+    [[ -n "${SLURM_JOB_PARTITION:-}" ]] && same+=(--partition "$SLURM_JOB_PARTITION")
+    [[ -n "${SLURM_JOB_ACCOUNT:-}" ]] && same+=(--account "$SLURM_JOB_ACCOUNT")
+    merge="$(sbatch --parsable --job-name "${SLURM_JOB_NAME:-prep_data}-merge" --array 0 --ntasks 1 "${same[@]}" \
+        --dependency "afterok:$SLURM_ARRAY_JOB_ID" --kill-on-invalid-dep=yes \
+        --export "ALL,PREP_DATA_MERGE=1" --output "${SLURM_JOB_NAME:-prep_data}-merge-%A.out" \
+        "$ROOT/slurm/prep_data.sh" "$@")"
+    echo "prep_data.sh: merge job $merge runs after array job $SLURM_ARRAY_JOB_ID" >&2
+fi
+exec "$PYTHON" -m data_prep build "$@" --workers "$workers" --task "$task/$count"
