@@ -77,15 +77,21 @@ fi
 if [[ "$in_slurm" -eq 1 ]]; then
     nodes="${SLURM_JOB_NUM_NODES:-1}"
     first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    node_addr() { scontrol show node "$1" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p'; }
+    first_addr="$(node_addr "$first")"
     port=$((20000 + SLURM_JOB_ID % 20000))
     log_dir="${LOG_DIR:-logs}"
     mkdir -p "$log_dir"
+    # Each node's torchrun advertises the node's Slurm address (NodeAddr), not whatever its
+    # host name resolves to there; the rendezvous is on the first node's address.
     launch=(srun --nodes "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1 --open-mode=append
-            "$PYTHON" -m torch.distributed.run --nnodes "$nodes" --nproc_per_node "$nproc"
-            --rdzv_backend c10d --rdzv_endpoint "$first:$port" --rdzv_id "$SLURM_JOB_ID"
+            bash -c 'addr="$(scontrol show node "$SLURMD_NODENAME" | sed -n "s/.*NodeAddr=\([^ ]*\).*/\1/p")"
+                     exec "$0" -m torch.distributed.run --local_addr "${addr:-$(hostname)}" "$@"'
+            "$PYTHON" --nnodes "$nodes" --nproc_per_node "$nproc"
+            --rdzv_backend c10d --rdzv_endpoint "${first_addr:-$first}:$port" --rdzv_id "$SLURM_JOB_ID"
             "$ROOT/pipeline/train.py")
     monitor_log="$log_dir/$SLURM_JOB_NAME-$SLURM_JOB_ID-monitor.log"
-    log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $nproc process(es), rendezvous $first:$port"
+    log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $nproc process(es), rendezvous ${first_addr:-$first}:$port"
 elif [[ "$nproc" -ge 2 || -n "$(command -v nvidia-smi)" ]]; then
     launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$ROOT/pipeline/train.py")
     monitor_log=/dev/stderr
