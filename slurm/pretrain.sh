@@ -83,10 +83,13 @@ if [[ "$in_slurm" -eq 1 ]]; then
     log_dir="${LOG_DIR:-logs}"
     mkdir -p "$log_dir"
     # Each node's torchrun advertises the node's Slurm address (NodeAddr), not whatever its
-    # host name resolves to there; the rendezvous is on the first node's address.
+    # host name resolves to there; the first node hosts the rendezvous store at its address
+    # (said explicitly: torchrun's guess compares host names).
     launch=(srun --nodes "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1 --open-mode=append
             bash -c 'addr="$(scontrol show node "$SLURMD_NODENAME" | sed -n "s/.*NodeAddr=\([^ ]*\).*/\1/p")"
-                     exec "$0" -m torch.distributed.run --local_addr "${addr:-$(hostname)}" "$@"'
+                     host=false; [[ "$SLURM_NODEID" == 0 ]] && host=true
+                     exec "$0" -m torch.distributed.run --local_addr "${addr:-$(hostname)}" \
+                         --rdzv_conf "is_host=$host" "$@"'
             "$PYTHON" --nnodes "$nodes" --nproc_per_node "$nproc"
             --rdzv_backend c10d --rdzv_endpoint "${first_addr:-$first}:$port" --rdzv_id "$SLURM_JOB_ID"
             "$ROOT/pipeline/train.py")
