@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SLURM_PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
+SLURM_PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client", "iproute2"]  # ip: the 2-node cluster
 # States after which a job neither runs nor is queued any more (a requeued job goes back to PENDING).
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
@@ -109,7 +109,7 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 
 def slurm_installed() -> bool:
     return all(shutil.which(c) for c in ("sbatch", "srun", "scontrol", "sinfo", "slurmctld",
-                                         "slurmd", "munged", "munge", "unmunge"))
+                                         "slurmd", "munged", "munge", "unmunge", "ip"))
 
 
 def install_slurm() -> None:
