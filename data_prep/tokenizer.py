@@ -169,8 +169,9 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, cased: bool) -> Token
     specials = list(BERT_SPECIAL_TOKENS.values())
     wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
                            special_tokens=specials, limit_alphabet=1000, wordpieces_prefix="##")
-    # The trainer finds the same set of tokens every run but numbers them in a hash-map order
-    # that changes from run to run; WordPiece does not use the ids' order, so sort for
-    # byte-identical builds.
+    # The trainer numbers its tokens in a hash-map order that changes from run to run; WordPiece
+    # does not use the ids' order, so sort them. Where merge counts tie at the end of training
+    # the trainer also breaks the tie in that order, so a vocabulary trained in another process
+    # can differ by a few tokens: for builds that must match elsewhere, pass --tokenizer.
     learned = sorted(t for t in wp.get_vocab() if t not in specials)
     return wordpiece({t: i for i, t in enumerate(specials + learned)}, cased)

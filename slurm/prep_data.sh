@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data preparation as a Slurm array job, byte-identical to `python -m data_prep build` on one
+# Data preparation as a Slurm array job; with a given --tokenizer the result is byte-identical to
 # machine with the same flags.
 #
 #   sbatch slurm/prep_data.sh --source wikipedia:DUMP --source text:BOOKS --out DATA [build flags]
@@ -11,7 +11,8 @@
 # PREP_DATA_MERGE=1) with a dependency on the whole array (afterok); the merge packs, shuffles
 # and shards the saved chunks and writes DATA/manifest.json. A failed task cancels the merge;
 # resubmitting the same command reuses every chunk already saved. With --vocab-size, every task
-# trains the (identical) vocabulary itself: give --tokenizer to avoid that cost.
+# trains a vocabulary and all use the first one saved: give --tokenizer to avoid that cost (and
+# for byte-identity with a build elsewhere: see the README's "Tokenizer").
 # DATA and this repository must be on a file system every node sees. Environment: PYTHON.
 #SBATCH --job-name=prep_data
 #SBATCH --array=0-7
