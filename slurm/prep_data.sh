@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data preparation as a Slurm array job; with a given --tokenizer the result is byte-identical to
-# machine with the same flags.
+# `python -m data_prep build` on one machine with the same flags.
 #
 #   sbatch slurm/prep_data.sh --source wikipedia:DUMP --source text:BOOKS --out DATA [build flags]
 #   sbatch --array=0-31 slurm/prep_data.sh ...        (32 tasks; default 8)
