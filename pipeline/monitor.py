@@ -114,24 +114,23 @@ class Monitor:
         x = np.stack([np.concatenate(m[part]) for m in self.masks]).astype(np.float32)
         return (x @ (1 - x).T + (1 - x) @ x.T) / x.shape[1]
 
-    def write_record(self) -> None:
+    def write_record(self, ticket: int | None) -> None:
         out = self.run.earlybird
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "distances.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         if self.masks:
-            for name, fig in self.figures().items():
+            for name, fig in self.figures(ticket).items():
                 tmp = out / f".{name}.tmp.png"
                 fig.savefig(tmp, dpi=100)
                 os.replace(tmp, out / name)
             import matplotlib.pyplot as plt
             plt.close("all")
 
-    def figures(self) -> dict:
+    def figures(self, ticket: int | None) -> dict:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         steps = [m[0] for m in self.masks]
-        ticket = self.ticket_step()
         figs = {}
         for part, name in ((1, "heads"), (2, "ffn")):
             fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -194,12 +193,11 @@ class Monitor:
                                 dir=str(self.run.earlybird))
         self.logged_step = self.wandb.step - 1  # a restart does not log steps twice
 
-    def log_wandb(self, new_rows: list[dict]) -> None:
+    def log_wandb(self, new_rows: list[dict], ticket: int | None) -> None:
         if self.wandb is None:
             return
         import wandb
         out = self.run.earlybird
-        ticket = self.ticket_step()
         for i, r in enumerate(new_rows):
             if r["step"] <= self.logged_step:
                 continue
@@ -260,11 +258,12 @@ def main(argv=None) -> int:
                 if ticket is None and run.ticket.exists():  # drawn now: later snapshots do not count
                     new = new[:i + 1]
                     break
-            ticket = m.ticket_step()
+            if ticket is None:  # written once: only a missing ticket needs another look
+                ticket = m.ticket_step()
             why = left_search(run) or (f"the ticket of step {ticket} is drawn" if ticket is not None else None)
             if new or why:
-                m.write_record()
-                m.log_wandb(m.rows[-len(new):] if new else [])
+                m.write_record(ticket)
+                m.log_wandb(m.rows[-len(new):] if new else [], ticket)
             if why:
                 # The trainer writes a snapshot before it looks for a ticket, so every snapshot up
                 # to the ticket's step is on disk by now.

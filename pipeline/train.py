@@ -153,11 +153,14 @@ def check_data(data: Path, rank: int):
     return manifest
 
 
+def dropout_overrides(a) -> dict:
+    return {} if a.dropout is None else {"dropout": a.dropout, "attention_dropout": a.dropout}
+
+
 def build_model(a, manifest: dict):
     from pipeline.hf import load_pretrained
     from pipeline.model import PRESETS, BertConfig, BertForMLM
-    over = {} if a.dropout is None else {"dropout": a.dropout, "attention_dropout": a.dropout}
-    over["gates"] = a.earlybird == "on"
+    over = {**dropout_overrides(a), "gates": a.earlybird == "on"}
     try:
         if a.init_from is not None:
             model = load_pretrained(a.init_from, **over)
@@ -263,8 +266,7 @@ class Trainer:
         if self.phase == "efficient":
             from pipeline.hf import load_pretrained
             pruned_state = json.loads((run.pruned / "trainer_state.json").read_text())
-            over = {} if a.dropout is None else {"dropout": a.dropout, "attention_dropout": a.dropout}
-            model = load_pretrained(run.pruned, **over)
+            model = load_pretrained(run.pruned, **dropout_overrides(a))
         model.l1 = a.l1 / ds_cfg["gradient_accumulation_steps"] if self.phase == "search" else 0.0
         optimizer, groups = make_optimizer(model, ds_cfg, self.device)
         try:
@@ -574,7 +576,7 @@ class Trainer:
         from pipeline.prune import prune_state_dict, pruned_config
         a, run = self.a, self.run
         self.checkpoint(state)
-        full = self._full_weights()
+        full = self._full_weights() if a.ticket_weights == "carry" else None  # rewind reads init
         heads, ffn = ticket["heads"], ticket["ffn"]
         if a.ticket == "random":
             heads, ffn = random_masks(heads, a.seed), random_masks(ffn, a.seed + 1)
