@@ -3,12 +3,15 @@
 In one run: the training-step time (forward, backward, AdamW) of the dense model, of the gated
 dense model (the searching stage) and of a ticket (the paper's shape: 4 of 12 heads dropped in
 every layer, 30 % of FFN neurons dropped globally, drawn from random gates), against the ratio
-of their FLOPs. Target: the realised speed-up (dense time / ticket time) at least 90 % of the
+of their FLOPs. One ticket per --ffn_multiple value (1: the paper's arbitrary FFN widths; 64:
+every layer's width a multiple of 64), all drawn from the same gates; dense and gated are timed
+once per dtype. Target: the realised speed-up (dense time / ticket time) at least 90 % of the
 FLOPs-predicted one (dense FLOPs / ticket FLOPs) on CPU, 95 % on a GPU with bert-base.
 Prints a table and writes bench/out/earlybird.json.
 
     python bench/earlybird.py [--dtype bf16 fp32] [--layers 6 --hidden 384 --heads 12 --ffn 1536]
-        [--seq 128 --batch 2 --steps 2]          # on a GPU: --layers 12 --hidden 768 --ffn 3072
+        [--seq 128 --batch 2 --steps 2] [--ffn_multiple 1 64]
+        # on a GPU: --layers 12 --hidden 768 --ffn 3072
 """
 from __future__ import annotations
 
@@ -61,39 +64,47 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--prune_heads", type=int, default=4)
     p.add_argument("--prune_ffn", type=float, default=0.3)
+    p.add_argument("--ffn_multiple", type=int, nargs="+", default=[1, 64],
+                   help="one ticket per value: FFN widths in multiples of it")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "earlybird.json")
     a = p.parse_args()
+    if any(n < 1 for n in a.ffn_multiple):
+        p.error(f"--ffn_multiple {' '.join(map(str, a.ffn_multiple))}: each must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dense = BertConfig(vocab_size=a.vocab, hidden_size=a.hidden, heads=[a.heads] * a.layers,
                        ffn=[a.ffn] * a.layers, head_size=a.hidden // a.heads, max_position_embeddings=max(512, a.seq),
                        dropout=0.0, attention_dropout=0.0)
     rng = np.random.default_rng(0)  # trained gates stand-in: the ticket's shape is what matters here
-    heads, ffn = draw_masks([rng.random(a.heads) for _ in range(a.layers)],
-                            [rng.random(a.ffn) for _ in range(a.layers)], a.prune_heads, a.prune_ffn)
-    ticket = pruned_config(dense, heads, ffn)
+    gates = ([rng.random(a.heads) for _ in range(a.layers)], [rng.random(a.ffn) for _ in range(a.layers)])
+    tickets = {}  # ffn_multiple -> the ticket's config, all from the same gates
+    for n in dict.fromkeys(a.ffn_multiple):
+        heads, ffn = draw_masks(*gates, a.prune_heads, a.prune_ffn, ffn_multiple=n)
+        tickets[n] = pruned_config(dense, heads, ffn)
     with torch.device("meta"):
-        flops = {name: BertForMLM(c).flops_per_sequence(a.seq, 0.15) for name, c in (("dense", dense),
-                                                                                  ("ticket", ticket))}
-    predicted = flops["dense"] / flops["ticket"]
+        flops = {"dense": BertForMLM(dense).flops_per_sequence(a.seq, 0.15)}
+        flops.update({f"ticket_x{n}": BertForMLM(c).flops_per_sequence(a.seq, 0.15) for n, c in tickets.items()})
     rows = []
     for dt in a.dtype:
         t_dense = step_time(dense, DTYPES[dt], a, device)
         t_gated = step_time(replace(dense, gates=True), DTYPES[dt], a, device)
-        t_ticket = step_time(ticket, DTYPES[dt], a, device)
-        realised = t_dense / t_ticket
-        rows.append({"dtype": dt, "dense_s": t_dense, "gated_s": t_gated, "ticket_s": t_ticket,
-                     "realised_speedup": realised, "flops_speedup": predicted,
-                     "realised_over_predicted": realised / predicted})
+        for n, ticket in tickets.items():
+            t_ticket = step_time(ticket, DTYPES[dt], a, device)
+            realised, predicted = t_dense / t_ticket, flops["dense"] / flops[f"ticket_x{n}"]
+            rows.append({"dtype": dt, "ffn_multiple": n, "ticket_ffn": ticket.ffn, "dense_s": t_dense,
+                         "gated_s": t_gated, "ticket_s": t_ticket, "realised_speedup": realised,
+                         "flops_speedup": predicted, "realised_over_predicted": realised / predicted})
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(a).items()},
-            "ticket_heads": ticket.heads, "ticket_ffn": ticket.ffn, "flops_per_sequence": flops, "rows": rows}
+            "tickets": [{"ffn_multiple": n, "heads": c.heads, "ffn": c.ffn} for n, c in tickets.items()],
+            "flops_per_sequence": flops, "rows": rows}
     print(f"dense {a.layers}x{a.hidden}, {a.heads} heads, FFN {a.ffn}, seq {a.seq}, batch {a.batch}, "
-          f"vocab {a.vocab}; ticket heads {ticket.heads}, FFN {ticket.ffn}")
-    print(f"{'dtype':<6} {'dense s':>9} {'gated s':>9} {'ticket s':>9} {'speed-up':>9} {'FLOPs':>7} "
-          f"{'realised/FLOPs':>15}")
+          f"vocab {a.vocab}; ticket heads {next(iter(tickets.values())).heads}")
+    print(f"{'dtype':<6} {'multiple':>8} {'dense s':>9} {'gated s':>9} {'ticket s':>9} {'speed-up':>9} "
+          f"{'FLOPs':>7} {'realised/FLOPs':>15}  ticket FFN widths")
     for r in rows:
-        print(f"{r['dtype']:<6} {r['dense_s']:>9.3f} {r['gated_s']:>9.3f} {r['ticket_s']:>9.3f} "
-              f"{r['realised_speedup']:>9.3f} {r['flops_speedup']:>7.3f} {r['realised_over_predicted']:>15.1%}")
+        print(f"{r['dtype']:<6} {r['ffn_multiple']:>8} {r['dense_s']:>9.3f} {r['gated_s']:>9.3f} "
+              f"{r['ticket_s']:>9.3f} {r['realised_speedup']:>9.3f} {r['flops_speedup']:>7.3f} "
+              f"{r['realised_over_predicted']:>15.1%}  {r['ticket_ffn']}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {a.out}")

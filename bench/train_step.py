@@ -1,11 +1,17 @@
 """Training-step benchmark (a benchmark, not a test).
 
-In one run: our training step (forward, backward, AdamW step) against transformers'
-BertForMaskedLM at the same shape and batch, for bert-small and bert-medium at sequence length
-128; our achieved FLOP/s against the same run's matmul rate in that dtype; and DeepSpeed ZeRO-2
-on one rank against plain torch with our model. Prints a table and writes JSON.
+In one run, per model and dtype: our training step (forward, backward, AdamW step) with each
+attention path (masked SDPA; variable-length flash attention on CUDA, attention dropout 0) and,
+with --compile, torch.compile; DeepSpeed ZeRO-2 (the trainer's engine: bf16 with fp32 master
+weights) on one rank; and transformers' BertForMaskedLM (SDPA) at the same shape and batch.
+Tokens/s, MFU (our model's FLOPs with attention per document, against the datasheet peak of a
+known GPU or the measured matmul rate), ours/HF step time, peak memory and, with --data, the
+time a step waits for the loader thread (real packed batches). Prints a table and writes JSON.
 
-    python bench/train_step.py [--dtype bf16|fp32 ...] [--batch 8] [--steps 3]
+    python bench/train_step.py [--models bert-base bert-large] [--dtype bf16] [--batch 128]
+        [--steps 10] [--data bench/gpu_data] [--compile] [--json OUT]
+Defaults: on CUDA bert-base and bert-large, bf16, batch 128; on a CPU bert-small and
+bert-medium, bf16 and fp32, batch 8.
 """
 from __future__ import annotations
 
@@ -27,134 +33,234 @@ if "RANK" not in os.environ:
 
 import torch  # noqa: E402
 
-from pipeline.model import PRESETS, BertConfig, BertForMLM  # noqa: E402
+from pipeline.mfu import peak_flops  # noqa: E402
+from pipeline.model import PRESETS, VARLEN, BertConfig, BertForMLM  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CUDA = torch.cuda.is_available()
 
 
 def batch(b: int, L: int, vocab: int, device):
+    """Synthetic: two documents per sequence, 15 % predicted."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, vocab, (b, L), generator=g)
     labels = torch.full_like(ids, -100)
     pick = torch.rand(b, L, generator=g) < 0.15
     labels[pick] = ids[pick]
     seg = torch.zeros(b, L, dtype=torch.int32)
-    seg[:, L // 2:] = 1  # two documents per sequence
+    seg[:, L // 2:] = 1
     return ids.to(device), labels.to(device), seg.to(device)
 
 
-def timed(step, steps: int) -> float:
-    step()  # warm-up
-    if torch.cuda.is_available():
+def synced():
+    if CUDA:
         torch.cuda.synchronize()
+
+
+def timed(step, steps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        step()
+    synced()
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synced()
     return (time.perf_counter() - t) / steps
 
 
-def matmul_rate(dtype, device, n: int = 2048) -> float:
-    x, y = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    return 2 * n ** 3 / timed(lambda: x @ y, 3)
+class Batches:
+    """Real packed batches through the trainer's loader thread (--data), or one synthetic batch."""
+
+    def __init__(self, args, vocab: int, device):
+        self.device, self.loader = device, None
+        if args.data is not None:
+            from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
+            from pipeline.loader import Prefetcher
+            ds = PackedDataset(args.data, "train")
+            m = ds.manifest
+            if m["seq_len"] != args.seq_len or m["vocab_size"] != vocab:
+                raise SystemExit(f"{args.data}: seq_len {m['seq_len']}, vocabulary {m['vocab_size']}; "
+                                 f"the benchmark wants {args.seq_len} and {vocab}")
+            self.loader = Prefetcher(ds, ResumableSampler(len(ds)), MaskingCollator(vocab, m["special_tokens"]),
+                                     args.batch, 0, 0, pin=device.type == "cuda")
+        else:
+            ids, labels, seg = batch(args.batch, args.seq_len, vocab, "cpu")
+            from pipeline.model import cu_seqlens
+            self.fixed = {"input_ids": ids, "labels": labels, "segment_ids": seg, "cu_seqlens": cu_seqlens(seg),
+                          "mlm_index": torch.nonzero(labels.reshape(-1) != -100).squeeze(1),
+                          "attention_pairs": ids.shape[0] * 2 * (ids.shape[1] // 2) ** 2}
+            self.on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.fixed.items()}
+
+    def next(self) -> dict:
+        if self.loader is None:
+            return self.on_device
+        from pipeline.loader import to_device
+        b, _ = self.loader.next()
+        return {**to_device(b, self.device), "attention_pairs": b["attention_pairs"]}
+
+    @property
+    def wait_s(self) -> float:
+        return self.loader.wait_s if self.loader else 0.0
+
+    def close(self):
+        if self.loader:
+            self.loader.close()
 
 
-def ours_step(name, dtype, b, L, device):
+def make_ours(name, dtype, device, attention: str, compile_: bool):
+    layers, hidden, heads = PRESETS[name]
     torch.manual_seed(0)
-    model = BertForMLM(BertConfig.preset(name)).to(device=device, dtype=dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids, labels, seg = batch(b, L, model.config.vocab_size, device)
+    c = BertConfig.preset(name, attention_dropout=0.0 if attention == "varlen" else 0.1)
+    model = BertForMLM(c).to(device=device, dtype=dtype)
+    model.set_attention(attention)
+    if compile_:
+        model.compile()
+    return model
+
+
+def ours_row(name, dtype, device, args, attention="sdpa", compile_=False) -> dict:
+    model = make_ours(name, dtype, device, attention, compile_)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+    data = Batches(args, model.config.vocab_size, device)
+    flops = [0.0]
 
     def step():
-        loss, _, _ = model(ids, segment_ids=seg, labels=labels)
+        b = data.next()
+        loss, n, _ = model(b["input_ids"], segment_ids=b["segment_ids"], labels=b["labels"],
+                           cu_seqlens=b["cu_seqlens"], mlm_index=b["mlm_index"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return model, timed(step, ARGS.steps)
+        flops[0] += model.flops(b["input_ids"].numel(), b["attention_pairs"], n)
+    return measure(step, data, flops, args, model, compile_)
 
 
-def hf_step(name, dtype, b, L, device):
+def measure(step, data, flops, args, model, compile_) -> dict:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    warm = 3 if compile_ else 1
+    for _ in range(warm):
+        step()
+    synced()
+    flops[0], wait0 = 0.0, data.wait_s
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synced()
+    dt = (time.perf_counter() - t) / args.steps
+    data.close()
+    return {"step_s": dt, "tokens_per_s": args.batch * args.seq_len / dt, "flops_per_s": flops[0] / args.steps / dt,
+            "data_wait_s": (data.wait_s - wait0) / args.steps,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else None}
+
+
+def deepspeed_row(name, dtype, device, args) -> dict:
+    import deepspeed
+    if not CUDA:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if CUDA else "gloo")
+    torch.manual_seed(0)
+    model = BertForMLM(BertConfig.preset(name))
+    opt = torch.optim.AdamW(model.param_groups(0.01), lr=1e-4, fused=CUDA)
+    cfg = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
+    if dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    data = Batches(args, model.config.vocab_size, device)
+    flops = [0.0]
+
+    def step():
+        b = data.next()
+        loss, n, _ = engine(b["input_ids"], segment_ids=b["segment_ids"], labels=b["labels"],
+                            cu_seqlens=b["cu_seqlens"], mlm_index=b["mlm_index"])
+        engine.backward(loss)
+        engine.step()
+        flops[0] += model.flops(b["input_ids"].numel(), b["attention_pairs"], n)
+    row = measure(step, data, flops, args, model, False)
+    engine.destroy()
+    return row
+
+
+def hf_row(name, dtype, device, args) -> dict:
     from transformers import BertConfig as HFConfig, BertForMaskedLM
     layers, hidden, heads = PRESETS[name]
     torch.manual_seed(0)
     model = BertForMaskedLM(HFConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                                      intermediate_size=4 * hidden, attn_implementation="sdpa")).to(device=device, dtype=dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids, labels, _ = batch(b, L, 30522, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+    data = Batches(args, 30522, device)
 
     def step():
-        model(input_ids=ids, labels=labels).loss.backward()
+        b = data.next()
+        model(input_ids=b["input_ids"], labels=b["labels"]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed(step, ARGS.steps)
-
-
-def deepspeed_step(name, dtype, b, L, device):
-    import deepspeed
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    torch.manual_seed(0)
-    model = BertForMLM(BertConfig.preset(name))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cfg = {"train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
-    if dtype == torch.bfloat16:
-        cfg["bf16"] = {"enabled": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    ids, labels, seg = batch(b, L, model.config.vocab_size, device)
-
-    def step():
-        loss, _, _ = engine(ids, segment_ids=seg, labels=labels)
-        engine.backward(loss)
-        engine.step()
-    return timed(step, ARGS.steps)
+    return measure(step, data, [0.0], args, model, False)
 
 
 def main() -> None:
-    global ARGS
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    ap.add_argument("--models", nargs="+", default=["bert-small", "bert-medium"])
-    ap.add_argument("--batch", type=int, default=8)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", nargs="+", default=["bf16"] if CUDA else ["bf16", "fp32"], choices=list(DTYPES))
+    ap.add_argument("--models", nargs="+", default=["bert-base", "bert-large"] if CUDA else ["bert-small", "bert-medium"])
+    ap.add_argument("--batch", type=int, default=128 if CUDA else 8)
     ap.add_argument("--seq_len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10 if CUDA else 3)
+    ap.add_argument("--data", type=Path, default=None, help="a data_prep output (bert-base vocabulary) to feed real batches")
+    ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile (first model)")
+    ap.add_argument("--no_deepspeed", action="store_true")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "train_step.json")
-    ARGS = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows, out = [], {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                     "threads": torch.get_num_threads(), "batch": ARGS.batch, "seq_len": ARGS.seq_len, "results": []}
-    for dname in ARGS.dtype:
+    args = ap.parse_args()
+    device = torch.device("cuda" if CUDA else "cpu")
+    out = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "batch": args.batch, "seq_len": args.seq_len,
+           "data": str(args.data) if args.data else "synthetic", "results": []}
+    for dname in args.dtype:
         dtype = DTYPES[dname]
-        peak = matmul_rate(dtype, device)
-        for name in ARGS.models:
-            model, ours = ours_step(name, dtype, ARGS.batch, ARGS.seq_len, device)
-            flops = model.flops_per_sequence(ARGS.seq_len, 0.15) * ARGS.batch
-            del model
-            hf = hf_step(name, dtype, ARGS.batch, ARGS.seq_len, device)
-            r = {"dtype": dname, "model": name, "ours_s": ours, "hf_s": hf, "ratio_ours_to_hf": ours / hf,
-                 "ours_flops_per_s": flops / ours, "matmul_flops_per_s": peak,
-                 "fraction_of_matmul_rate": flops / ours / peak}
-            if name == ARGS.models[0]:
-                ds = deepspeed_step(name, dtype, ARGS.batch, ARGS.seq_len, device)
-                r.update(deepspeed_zero2_s=ds, deepspeed_over_torch=ds / ours)
-            out["results"].append(r)
-            rows.append(r)
-            print(f"{dname} {name}: ours {ours:.3f}s  hf {hf:.3f}s  ratio {ours / hf:.2f}  "
-                  f"{flops / ours / 1e9:.1f} GFLOP/s = {flops / ours / peak:.0%} of matmul "
-                  f"({peak / 1e9:.1f} GFLOP/s)" + (f"  zero2 {r['deepspeed_zero2_s']:.3f}s "
-                                                    f"({r['deepspeed_over_torch']:.2f}x torch)" if "deepspeed_zero2_s" in r else ""),
-                  flush=True)
-    print("\n| dtype | model | ours s/step | HF s/step | ours/HF (target <= 0.6) | ours GFLOP/s | % of matmul (target >= 50 %) | ZeRO-2 / torch (target <= 1.10) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        zs = f"{r['deepspeed_over_torch']:.2f}" if "deepspeed_over_torch" in r else ""
-        print(f"| {r['dtype']} | {r['model']} | {r['ours_s']:.3f} | {r['hf_s']:.3f} | {r['ratio_ours_to_hf']:.2f} | "
-              f"{r['ours_flops_per_s'] / 1e9:.1f} | {r['fraction_of_matmul_rate']:.0%} | {zs} |")
-    ARGS.json.parent.mkdir(parents=True, exist_ok=True)
-    ARGS.json.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {ARGS.json}")
+        peak, source = peak_flops(device, dtype)
+        out.setdefault("peak", {})[dname] = {"flops_per_s": peak, "source": source}
+        for name in args.models:
+            variants = [("ours sdpa", lambda: ours_row(name, dtype, device, args))]
+            if CUDA and VARLEN is not None and dtype != torch.float32:
+                variants.append(("ours varlen", lambda: ours_row(name, dtype, device, args, "varlen")))
+            if args.compile and name == args.models[0]:
+                variants.append(("ours sdpa compiled", lambda: ours_row(name, dtype, device, args, compile_=True)))
+            if not args.no_deepspeed and name == args.models[0]:
+                variants.append(("deepspeed zero2", lambda: deepspeed_row(name, dtype, device, args)))
+            variants.append(("hf sdpa", lambda: hf_row(name, dtype, device, args)))
+            rows = {}
+            for label, fn in variants:
+                try:
+                    rows[label] = fn()
+                except Exception as e:  # one failing variant must not hide the others' figures
+                    print(f"{dname} {name} {label}: failed: {type(e).__name__}: {e}", flush=True)
+                    rows[label] = {"error": f"{type(e).__name__}: {e}"}
+                if CUDA:
+                    torch.cuda.empty_cache()
+            hf = rows["hf sdpa"].get("step_s")
+            for label, r in rows.items():
+                if "error" not in r:
+                    r["mfu"] = r["flops_per_s"] / peak if r["flops_per_s"] else None
+                    r["over_hf"] = r["step_s"] / hf if hf and label != "hf sdpa" else None
+                out["results"].append({"dtype": dname, "model": name, "variant": label, **r})
+                print(f"{dname} {name} {label}: {json.dumps(r)}", flush=True)
+    print(f"\nbatch {args.batch} x seq {args.seq_len}, {out['device']}, data {out['data']}")
+    print("| dtype | model | variant | s/step | tokens/s | MFU | / HF step | peak GiB | data wait s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in out["results"]:
+        if "error" in r:
+            print(f"| {r['dtype']} | {r['model']} | {r['variant']} | failed: {r['error'][:60]} | | | | | |")
+            continue
+        f = lambda v, fmt: fmt.format(v) if v is not None else ""  # noqa: E731
+        print(f"| {r['dtype']} | {r['model']} | {r['variant']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
+              f"{f(r.get('mfu'), '{:.1%}')} | {f(r.get('over_hf'), '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} | "
+              f"{r['data_wait_s']:.4f} |")
+    for dname, p in out["peak"].items():
+        print(f"peak {dname}: {p['flops_per_s'] / 1e12:.1f} TFLOP/s ({p['source']})")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -127,5 +127,15 @@ class MaskingCollator:
                                                     generator=generator)]
         input_ids = torch.where(chosen & (how < 0.8), torch.full_like(ids, self.mask_id), ids)
         input_ids = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, input_ids)
+        # Computed here, on the CPU, so that the training step reads nothing back from the GPU:
+        # document bounds over the flattened batch (varlen attention), the predicted positions
+        # (the MLM head runs on those only), and sum of document length^2 (attention FLOPs).
+        B = ids.shape[0]
+        flat_starts = starts.clone()
+        flat_starts[:, 0] = True
+        cu = torch.cat([torch.nonzero(flat_starts.reshape(-1)).squeeze(1), torch.tensor([B * L])])
+        lengths = cu[1:] - cu[:-1]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "segment_ids": segment_ids}
+                "segment_ids": segment_ids, "cu_seqlens": cu.to(torch.int32),
+                "mlm_index": torch.nonzero(labels.reshape(-1) != -100).squeeze(1),
+                "attention_pairs": int((lengths * lengths).sum())}

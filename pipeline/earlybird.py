@@ -4,7 +4,9 @@ Masks are lists with one boolean array per layer (True = kept). Heads are pruned
 (the k smallest |gate| of every layer), FFN neurons globally (the fraction p of smallest |gate|
 across all layers). Selection is top-k on |gate| with a deterministic tie-break: equal values
 keep the lower index (and, across layers, the lower layer), so equal gates never prune
-everything the way the released code's `> quantile` threshold does.
+everything the way the released code's `> quantile` threshold does. With `ffn_multiple` N > 1
+(our extension, not in the paper) each layer's FFN width is rounded to a multiple of N (or the
+layer's full size) that GPUs multiply faster, keeping the global count as nearly as possible.
 
 Also the files the trainer and the monitor exchange through RUN: gate snapshots
 (RUN/gates/step-NNNNNNN.npz) and the ticket (RUN/ticket.json, written once, checked against the
@@ -16,6 +18,7 @@ import json
 import os
 from collections import deque
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +47,19 @@ def head_masks(gates: list[np.ndarray], prune: int | list[int]) -> list[np.ndarr
     return masks
 
 
-def ffn_masks(gates: list[np.ndarray], fraction: float) -> list[np.ndarray]:
+def ffn_masks(gates: list[np.ndarray], fraction: float, multiple: int = 1) -> list[np.ndarray]:
     """Global: the fraction of neurons with the smallest |gate| across all layers is dropped.
-    A layer is never emptied: it keeps its largest neuron in place of the next global one."""
+    A layer is never emptied: it keeps its largest neuron in place of the next global one.
+
+    multiple > 1 (hardware-friendly widths): every layer's kept width becomes a multiple of
+    `multiple` or the layer's full size (a layer smaller than `multiple` is kept whole), and at
+    least `multiple`. The global rule's per-layer counts are rounded by the largest-remainder
+    method (see `_round_widths`), then each layer keeps its largest |gate| (ties: lower index).
+    multiple = 1 returns exactly the global rule's masks."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"--prune_ffn {fraction}: must be in [0, 1)")
+    if isinstance(multiple, bool) or int(multiple) != multiple or multiple < 1:
+        raise ValueError(f"--ffn_multiple {multiple}: must be an integer >= 1")
     sizes = [len(g) for g in gates]
     flat = np.abs(np.concatenate([np.asarray(g, dtype=np.float64) for g in gates]))
     keep = len(flat) - int(round(fraction * len(flat)))
@@ -59,14 +70,62 @@ def ffn_masks(gates: list[np.ndarray], fraction: float) -> list[np.ndarray]:
     rank = flat.copy()
     rank[firsts] = np.inf
     mask = _keep_largest(rank, keep)
-    return [mask[b:e] for b, e in zip(bounds[:-1], bounds[1:])]
+    masks = [mask[b:e] for b, e in zip(bounds[:-1], bounds[1:])]
+    if multiple == 1:
+        return masks
+    widths = _round_widths([int(m.sum()) for m in masks], sizes, int(multiple))
+    return [_keep_largest(flat[b:e], w) for b, e, w in zip(bounds[:-1], bounds[1:], widths)]
+
+
+def _allowed_widths(size: int, multiple: int) -> list[int]:
+    """A layer's permitted kept widths: the multiples of `multiple` up to its size, and its size."""
+    return sorted(set(range(multiple, size + 1, multiple)) | {size})
+
+
+def _round_widths(counts: list[int], sizes: list[int], multiple: int) -> list[int]:
+    """Largest-remainder rounding of per-layer counts to permitted widths (`_allowed_widths`).
+
+    Every layer starts at the largest permitted width <= its count (the smallest permitted width
+    when its count is below it). Then, by remainder (how far the count lies towards the next
+    permitted width) descending, ties to the lower layer, a layer moves up to that next width
+    while this brings the total no further from the global count (a tie keeps more neurons). If
+    layers raised to their minimum width leave the total above the global count, layers step
+    down one permitted width at a time (smallest deviation first, ties to the higher layer) while
+    that brings it strictly closer. With all sizes multiples of `multiple` and no layer's count
+    below `multiple`, each width is its count rounded down or up to a multiple and the total is
+    the multiple nearest the global count (halves round up)."""
+    allowed = [_allowed_widths(n, multiple) for n in sizes]
+    target = sum(counts)
+    widths, up = [], []
+    for c, a in zip(counts, allowed):
+        below = [w for w in a if w <= c]
+        widths.append(below[-1] if below else a[0])
+        up.append(min(w for w in a if w >= widths[-1] and w >= c))
+    order = sorted((i for i in range(len(counts)) if up[i] > widths[i]),
+                   key=lambda i: (-Fraction(counts[i] - widths[i], up[i] - widths[i]), i))
+    total = sum(widths)
+    for i in order:
+        step = up[i] - widths[i]
+        if 2 * (target - total) >= step:
+            widths[i], total = up[i], total + step
+    while total > target:
+        moves = [(counts[i] - a[a.index(w) - 1], -i) for i, (w, a) in enumerate(zip(widths, allowed))
+                 if a.index(w) > 0 and 2 * (total - target) > w - a[a.index(w) - 1]]
+        if not moves:
+            break
+        i = -min(moves)[1]
+        lower = allowed[i][allowed[i].index(widths[i]) - 1]
+        total -= widths[i] - lower
+        widths[i] = lower
+    return widths
 
 
 def draw_masks(heads: list[np.ndarray], ffn: list[np.ndarray], prune_heads: int | None,
-               prune_ffn: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The ticket's masks from |gate| values; prune_heads None: default_prune_heads per layer."""
+               prune_ffn: float, ffn_multiple: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The ticket's masks from |gate| values; prune_heads None: default_prune_heads per layer;
+    ffn_multiple: FFN widths in multiples of it (see `ffn_masks`)."""
     k = [default_prune_heads(len(h)) if prune_heads is None else prune_heads for h in heads]
-    return head_masks(heads, k), ffn_masks(ffn, prune_ffn)
+    return head_masks(heads, k), ffn_masks(ffn, prune_ffn, ffn_multiple)
 
 
 def mask_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:

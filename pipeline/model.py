@@ -4,7 +4,11 @@ Parameter names are exactly those of transformers' BertForMaskedLM, so weights c
 ways. Every layer may have its own number of heads (head size fixed) and its own FFN width:
 that is what EarlyBERT pruning leaves. Optional gates (EarlyBERT's searching stage): one scalar
 per attention head, scaling that head's context before the output projection, and one per FFN
-neuron, scaling the activation after GELU. Attention stays inside each packed document.
+neuron, scaling the activation after GELU. Attention stays inside each packed document:
+`sdpa` (the default) through scaled_dot_product_attention with a block-diagonal mask (any
+device, attention dropout honoured); `varlen` on CUDA through a variable-length flash kernel
+over the documents (flash-attn's when installed, which has dropout; else torch's, which has
+none, so it needs attention dropout 0, as ModernBERT trains).
 """
 from __future__ import annotations
 
@@ -82,28 +86,59 @@ class BertConfig:
         return asdict(self)
 
 
+ATTENTION = ("sdpa", "varlen")
+
+
 def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, L] boolean: query i may attend key j iff both lie in the same document."""
     return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
-def cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative document lengths over the flattened batch, for variable-length attention."""
+def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cumulative document lengths over the flattened batch, for variable-length attention.
+    The trainer's collator builds it on the CPU (data-dependent size: on the GPU it would cost a
+    device-to-host sync every forward)."""
     B, L = segment_ids.shape
-    flat = (segment_ids + torch.arange(B, device=segment_ids.device)[:, None] * L).reshape(-1)
+    flat = (segment_ids.long() + torch.arange(B, device=segment_ids.device)[:, None] * L).reshape(-1)
     starts = torch.ones_like(flat, dtype=torch.bool)
     starts[1:] = flat[1:] != flat[:-1]
     idx = torch.nonzero(starts).squeeze(1)
-    cu = torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+    return torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
 
 
-def _varlen_attention():
+def _varlen_kernel():
+    """(function, supports dropout): flash-attn's varlen function, else torch's, else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func, True
+    except ImportError:
+        pass
     try:
         from torch.nn.attention.varlen import varlen_attn
-        return varlen_attn
+        return varlen_attn, False
     except ImportError:
-        return None
+        return None, False
+
+
+VARLEN, VARLEN_DROPOUT = _varlen_kernel()
+
+
+def _half_on_cuda(x: torch.Tensor) -> bool:
+    """Will the attention inputs be bf16/fp16 CUDA tensors (the flash kernels' only types)?"""
+    if not x.is_cuda:
+        return False
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16)
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
+def varlen_attention(q, k, v, cu, max_len: int, dropout_p: float):
+    """q, k, v [T, heads, head_size] over the flattened batch; documents delimited by cu."""
+    if VARLEN_DROPOUT:
+        return VARLEN(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p)
+    if dropout_p > 0:  # set_attention refuses this; a guard against silently dropping dropout
+        raise RuntimeError("torch's varlen attention has no dropout: set attention dropout to 0")
+    return VARLEN(q, k, v, cu, cu, max_len, max_len)
 
 
 class Embeddings(nn.Module):
@@ -138,14 +173,14 @@ class SelfAttention(nn.Module):
         # EarlyBERT: one gate per head, scaling the head's context (fp32, no weight decay).
         self.head_gates = nn.Parameter(torch.ones(heads)) if c.gates else None
 
-    def forward(self, x, segment_ids, mask):
+    def forward(self, x, cu, mask):
         B, L, _ = x.shape
         q, k, v = (lin(x).view(B, L, self.heads, self.head_size) for lin in (self.query, self.key, self.value))
         p = self.dropout_p if self.training else 0.0
-        if mask is None:  # CUDA: variable-length flash attention over the documents
-            cu, longest = segment_ids
-            ctx = VARLEN(q.reshape(B * L, self.heads, self.head_size), k.reshape(B * L, self.heads, self.head_size),
-                         v.reshape(B * L, self.heads, self.head_size), cu, cu, longest, longest)
+        if mask is None:  # varlen: documents delimited by cu over the flattened batch
+            T = B * L
+            ctx = varlen_attention(q.reshape(T, self.heads, self.head_size), k.reshape(T, self.heads, self.head_size),
+                                   v.reshape(T, self.heads, self.head_size), cu, L, p)
             ctx = ctx.view(B, L, self.heads, self.head_size)
         else:
             ctx = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -155,9 +190,6 @@ class SelfAttention(nn.Module):
             ctx = ctx * self.head_gates.to(ctx.dtype)[:, None]
             penalty = self.head_gates.float().abs().sum()
         return ctx.reshape(B, L, self.heads * self.head_size), penalty
-
-
-VARLEN = _varlen_attention()
 
 
 class SelfOutput(nn.Module):
@@ -177,8 +209,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(c, heads)
         self.output = SelfOutput(c, heads * c.head_size)
 
-    def forward(self, x, segment_ids, mask):
-        ctx, penalty = self.self(x, segment_ids, mask)
+    def forward(self, x, cu, mask):
+        ctx, penalty = self.self(x, cu, mask)
         return self.output(ctx, x), penalty
 
 
@@ -203,10 +235,10 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(c, ffn)
         self.output = SelfOutput(c, ffn)
 
-    def forward(self, x, segment_ids, mask):
+    def forward(self, x, cu, mask):
         """Hidden states and the layer's sum of |gate| (None without gates). The L1 term leaves
         each module as an output so that ZeRO-3 regathers the gates for its backward."""
-        x, head_penalty = self.attention(x, segment_ids, mask)
+        x, head_penalty = self.attention(x, cu, mask)
         h, ffn_penalty = self.intermediate(x)
         penalty = None if head_penalty is None else head_penalty + ffn_penalty
         return self.output(h, x), penalty
@@ -263,6 +295,19 @@ class BertForMLM(nn.Module):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
         self.l1 = 0.0  # EarlyBERT's L1 coefficient on |gate|, added to the training loss
         self.last_penalty = None  # sum of |gate| of the last forward (detached), for logging
+        self.attention = "sdpa"  # how packed documents are kept apart: see set_attention
+
+    def set_attention(self, impl: str) -> None:
+        """`sdpa`: block-diagonal mask, any device, dropout honoured. `varlen`: a variable-length
+        flash kernel on CUDA in bf16/fp16 (elsewhere the sdpa path); with torch's kernel, which has
+        no dropout, only with attention dropout 0."""
+        if impl not in ATTENTION:
+            raise ValueError(f"attention {impl!r}: one of {', '.join(ATTENTION)}")
+        if impl == "varlen" and not VARLEN_DROPOUT and self.config.attention_dropout > 0:
+            raise ValueError(f"attention varlen: torch's variable-length kernel has no dropout and the model's "
+                             f"attention dropout is {self.config.attention_dropout}: set it to 0 "
+                             "(--attention_dropout 0) or install flash-attn")
+        self.attention = impl
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -276,39 +321,40 @@ class BertForMLM(nn.Module):
     def encode(self, input_ids, segment_ids=None, attention_mask=None):
         """Hidden states [B, L, H]. segment_ids keep attention inside each packed document;
         without them, attention_mask (1 = token, 0 = padding) works as in transformers."""
-        return self._encode(input_ids, segment_ids, attention_mask)[0]
+        return self._encode(input_ids, segment_ids, attention_mask, None)[0]
 
-    def _encode(self, input_ids, segment_ids, attention_mask):
+    def _encode(self, input_ids, segment_ids, attention_mask, cu):
         x = self.bert.embeddings(input_ids)
-        use_varlen = VARLEN is not None and x.is_cuda and segment_ids is not None \
-            and x.dtype in (torch.float16, torch.bfloat16)
-        if use_varlen:
-            segs, mask = cu_seqlens(segment_ids), None
+        mask = None
+        if self.attention == "varlen" and VARLEN is not None and segment_ids is not None and _half_on_cuda(x):
+            cu = cu_seqlens(segment_ids) if cu is None else cu.to(x.device, non_blocking=True)
+        elif segment_ids is not None:
+            mask = document_mask(segment_ids)
+        elif attention_mask is not None:
+            mask = attention_mask[:, None, None, :].bool()
         else:
-            segs = segment_ids
-            if segment_ids is not None:
-                mask = document_mask(segment_ids)
-            elif attention_mask is not None:
-                mask = attention_mask[:, None, None, :].bool()
-            else:
-                mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
+            mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
         penalty = None
         for layer in self.bert.encoder.layer:
-            x, p = layer(x, segs, mask)
+            x, p = layer(x, cu, mask)
             if p is not None:
                 penalty = p if penalty is None else penalty + p
         return x, penalty
 
-    def forward(self, input_ids, segment_ids=None, attention_mask=None, labels=None):
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, labels=None, cu_seqlens=None,
+                mlm_index=None):
         """With labels: (loss, number of predictions, number correct), the MLM head run on the
         masked positions only; the loss includes l1 x sum |gate| when the model is gated and l1 > 0.
-        Without: logits for every position."""
-        h, penalty = self._encode(input_ids, segment_ids, attention_mask)
+        Without: logits for every position. cu_seqlens (varlen attention) and mlm_index (the flat
+        positions where labels != -100) may come precomputed from the CPU, so that the step has
+        no data-dependent shape to read back from the GPU."""
+        h, penalty = self._encode(input_ids, segment_ids, attention_mask, cu_seqlens)
         if labels is None:
             return self.cls.predictions(h)
-        where = labels != -100
-        logits = self.cls.predictions(h[where])
-        target = labels[where]
+        if mlm_index is None:
+            mlm_index = torch.nonzero(labels.reshape(-1) != -100).squeeze(1)
+        logits = self.cls.predictions(h.reshape(-1, h.shape[-1]).index_select(0, mlm_index))
+        target = labels.reshape(-1).index_select(0, mlm_index)
         loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(target.numel(), 1)
         correct = (logits.argmax(-1) == target).sum()
         if penalty is not None:
@@ -338,12 +384,17 @@ class BertForMLM(nn.Module):
             n -= sum(p.numel() for p in self.bert.embeddings.parameters())
         return n
 
-    def flops_per_sequence(self, seq_len: int, masked: float) -> float:
-        """Training FLOPs (forward + backward = 3 x forward) of one sequence: matmuls of the
-        encoder, attention scores over the full length, the MLM head on the masked fraction."""
+    def flops(self, tokens: int, attention_pairs: int, predictions: float) -> float:
+        """Training FLOPs (forward + backward = 3 x forward) of a batch: the encoder's matmuls over
+        `tokens`, attention scores and context over `attention_pairs` (sum over documents of
+        length^2: attention stays inside each document), the MLM head on `predictions` tokens."""
         c = self.config
-        per_token = sum(2 * c.hidden_size * (3 * h * c.head_size) + 2 * h * c.head_size * c.hidden_size
-                        + 4 * c.hidden_size * f + 4 * seq_len * h * c.head_size
-                        for h, f in zip(c.heads, c.ffn))
-        head = masked * (2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.vocab_size)
-        return 3.0 * seq_len * (per_token + head)
+        linear = sum(2 * c.hidden_size * (3 * h * c.head_size) + 2 * h * c.head_size * c.hidden_size
+                     + 4 * c.hidden_size * f for h, f in zip(c.heads, c.ffn))
+        attention = sum(4 * h * c.head_size for h in c.heads)
+        head = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.vocab_size
+        return 3.0 * (tokens * linear + attention_pairs * attention + predictions * head)
+
+    def flops_per_sequence(self, seq_len: int, masked: float) -> float:
+        """flops() of one sequence holding one document, `masked` the predicted fraction."""
+        return self.flops(seq_len, seq_len * seq_len, masked * seq_len)

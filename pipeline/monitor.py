@@ -1,7 +1,7 @@
 """The early-bird monitor: a process beside the trainer that watches a searching run's gates.
 
-    python -m pipeline.monitor --run_dir RUN [--prune_heads K] [--prune_ffn P] [--min_steps N]
-        [--window 5] [--epsilon 0.1] [--poll SECONDS]
+    python -m pipeline.monitor --run_dir RUN [--prune_heads K] [--prune_ffn P] [--ffn_multiple N]
+        [--min_steps N] [--window 5] [--epsilon 0.1] [--poll SECONDS]
 
 It reads RUN/gates/step-*.npz as the trainer writes them, draws each snapshot's masks, applies
 the early-bird rule and writes RUN/ticket.json when the rule fires. RUN/earlybird/ keeps the
@@ -10,8 +10,9 @@ distances for heads and FFN, distance to the previous mask, the ticket's shape, 
 When the trainer logs to W&B (RUN/wandb.json), the same goes to a W&B run in its group.
 
 Flags left out come from RUN/search.json (the trainer's --prune_heads, --prune_ffn,
---search_min_steps). Everything is rebuilt from the snapshots at start, so a killed monitor
-restarted reaches the same decision. It exits by itself once the run has left the searching stage
+--ffn_multiple, --search_min_steps; an older run's search.json without ffn_multiple means 1).
+Everything is rebuilt from the snapshots at start, so a killed monitor restarted reaches the same
+decision. It exits by itself once the run has left the searching stage
 (a ticket is in place, RUN/pruned/ or RUN/finished.json exists, or the run does not search).
 Exit codes: 0 done; 2 bad input (a flag out of range, an unreadable snapshot).
 """
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run_dir", required=True, type=Path)
     p.add_argument("--prune_heads", type=int, default=None, help="heads dropped per layer")
     p.add_argument("--prune_ffn", type=float, default=None, help="fraction of FFN neurons dropped, globally")
+    p.add_argument("--ffn_multiple", type=int, default=None,
+                   help="each layer's FFN width a multiple of this (or the layer's full size); 1: any width")
     p.add_argument("--min_steps", type=int, default=None, help="the rule does not fire before this step")
     p.add_argument("--window", type=int, default=5, help="masks compared (FIFO)")
     p.add_argument("--epsilon", type=float, default=0.1, help="largest distance that counts as stable")
@@ -50,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--prune_heads {a.prune_heads}: must be >= 0")
     if a.prune_ffn is not None and not 0.0 <= a.prune_ffn < 1.0:
         p.error(f"--prune_ffn {a.prune_ffn}: must be in [0, 1)")
+    if a.ffn_multiple is not None and a.ffn_multiple < 1:
+        p.error(f"--ffn_multiple {a.ffn_multiple}: must be >= 1")
     if a.window < 2:
         p.error(f"--window {a.window}: must be at least 2")
     if not 0.0 < a.epsilon <= 1.0:
@@ -62,6 +67,7 @@ class Monitor:
         self.run, self.heads_n, self.ffn_n = run, search["heads"], search["ffn"]
         self.prune_heads = a.prune_heads if a.prune_heads is not None else search.get("prune_heads")
         self.prune_ffn = a.prune_ffn if a.prune_ffn is not None else search.get("prune_ffn", 0.3)
+        self.ffn_multiple = a.ffn_multiple if a.ffn_multiple is not None else search.get("ffn_multiple", 1)
         min_steps = a.min_steps if a.min_steps is not None else search.get("min_steps", 100)
         # No fallback here: at the maximum search length the trainer draws the ticket itself.
         self.rule = EarlyBirdRule(window=a.window, epsilon=a.epsilon, min_steps=min_steps, max_steps=None)
@@ -77,6 +83,9 @@ class Monitor:
         if k is not None and any(k >= h for h in self.heads_n):
             raise TicketError(f"--prune_heads {k}: the model has {min(self.heads_n)} heads in a layer; "
                               "at least one must stay")
+        n = self.ffn_multiple
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TicketError(f"{self.run.path / 'search.json'}: ffn_multiple {n!r} must be an integer >= 1")
 
     def ticket_step(self) -> int | None:
         if not self.run.ticket.exists():
@@ -90,7 +99,7 @@ class Monitor:
         heads_g, ffn_g = read_snapshot(path, len(self.heads_n))
         if [len(h) for h in heads_g] != self.heads_n or [len(f) for f in ffn_g] != self.ffn_n:
             raise TicketError(f"{path}: gate shapes do not match the run's model")
-        heads, ffn = draw_masks(heads_g, ffn_g, self.prune_heads, self.prune_ffn)
+        heads, ffn = draw_masks(heads_g, ffn_g, self.prune_heads, self.prune_ffn, self.ffn_multiple)
         reason, d = self.rule.update(step, heads, ffn)
         row = {"step": step,
                "heads_to_previous": d["heads"][-1] if d["heads"] else None,

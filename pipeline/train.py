@@ -39,6 +39,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from pipeline.dist import Comm  # noqa: E402
+from pipeline.loader import Prefetcher, to_device  # noqa: E402
+from pipeline.mfu import peak_flops  # noqa: E402
+from pipeline.optim import make_optimizer  # noqa: E402
+
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RELAUNCH = 2, 3, 75, 76
 
 
@@ -54,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_steps", required=True, type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout (default 0.1)")
+    p.add_argument("--attention_dropout", type=float, default=None,
+                   help="attention dropout alone (default: --dropout's, else 0.1)")
+    p.add_argument("--attention", choices=("sdpa", "varlen"), default="sdpa",
+                   help="sdpa: block-diagonal mask (any device, dropout honoured); varlen: variable-length "
+                        "flash attention on CUDA (torch's kernel needs --attention_dropout 0)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (not with ZeRO-3)")
+    p.add_argument("--prefetch", type=int, default=4, help="micro batches prepared ahead by a loader thread")
     p.add_argument("--checkpoint_every", type=int, default=1000)
     p.add_argument("--keep_checkpoints", type=int, default=3)
     p.add_argument("--eval_every", type=int, default=1000)
@@ -78,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     eb.add_argument("--prune_heads", type=int, default=None,
                     help="heads dropped per layer (default 4 of 12, else a third)")
     eb.add_argument("--prune_ffn", type=float, default=0.3, help="fraction of FFN neurons dropped, globally")
+    eb.add_argument("--ffn_multiple", type=int, default=1,
+                    help="keep every layer's FFN width a multiple of this (GPU-friendly shapes; 1: off)")
     eb.add_argument("--ticket", choices=("rule", "random"), default="rule",
                     help="random: a seeded random ticket of the rule's shape (a baseline)")
     eb.add_argument("--ticket_weights", choices=("carry", "rewind"), default="carry",
@@ -90,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.deepspeed_config is None:
         p.error("--deepspeed_config is required")
-    for flag in ("max_steps", "snapshot_every", "checkpoint_every", "search_max_steps"):
+    for flag in ("max_steps", "snapshot_every", "checkpoint_every", "search_max_steps", "ffn_multiple",
+                 "prefetch"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     if not 0.0 <= a.prune_ffn < 1.0:
@@ -99,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--prune_heads {a.prune_heads}: must be >= 0")
     if a.l1 < 0:
         p.error(f"--l1 {a.l1}: must be >= 0")
+    for flag in ("dropout", "attention_dropout"):
+        v = getattr(a, flag)
+        if v is not None and not 0.0 <= v < 1.0:
+            p.error(f"--{flag} {v}: must be in [0, 1)")
     return a
 
 
@@ -113,13 +132,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
                           MASTER_PORT=str(port))
     import deepspeed
     cuda = torch.cuda.is_available()
+    if cuda:  # before the process group: NCCL binds each rank to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return rank, world, device
 
 
 def load_ds_config(path: Path, max_steps: int, world: int) -> dict:
@@ -154,7 +172,10 @@ def check_data(data: Path, rank: int):
 
 
 def dropout_overrides(a) -> dict:
-    return {} if a.dropout is None else {"dropout": a.dropout, "attention_dropout": a.dropout}
+    over = {} if a.dropout is None else {"dropout": a.dropout, "attention_dropout": a.dropout}
+    if a.attention_dropout is not None:
+        over["attention_dropout"] = a.attention_dropout
+    return over
 
 
 def build_model(a, manifest: dict):
@@ -194,41 +215,6 @@ def run_identity(a, model, manifest: dict, ds_cfg: dict) -> dict:
             "gradient_accumulation": ds_cfg["gradient_accumulation_steps"], "seed": a.seed}
 
 
-def make_optimizer(model, ds_cfg: dict, device):
-    """AdamW from the config's optimizer block as a client torch optimizer (fused on CUDA,
-    no DeepSpeed op to compile); other optimizers (LAMB) are left to DeepSpeed."""
-    opt = ds_cfg.get("optimizer", {"type": "AdamW", "params": {}})
-    params = dict(opt.get("params", {}))
-    groups = model.param_groups(params.pop("weight_decay", 0.01))
-    if opt.get("type", "").lower() != "adamw":
-        return None, groups
-    ds_cfg.pop("optimizer", None)
-    kw = {"lr": params.get("lr", 1e-4), "betas": tuple(params.get("betas", (0.9, 0.999))),
-          "eps": params.get("eps", 1e-8)}
-    if device.type == "cuda":
-        kw["fused"] = True
-    return torch.optim.AdamW(groups, **kw), None
-
-
-def peak_flops(device, dtype) -> float:
-    """Dense peak of the device for MFU: datasheet figures on known GPUs, else this CPU's
-    measured matmul rate in the training dtype."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10", 125e12),
-                            ("L4", 121e12), ("V100", 125e12)):
-            if key in name:
-                return tflops
-        return 100e12
-    n = 1024
-    x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    x @ y
-    t = time.perf_counter()
-    for _ in range(5):
-        x @ y
-    return 5 * 2 * n ** 3 / (time.perf_counter() - t)
-
-
 # ------------------------------------------------------------------ training
 
 class Trainer:
@@ -236,6 +222,7 @@ class Trainer:
         self.a, self.rank, self.world, self.device = a, rank, world, device
         self.stop_signal = 0
         self.wandb = None
+        self.comm = Comm(device)
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -268,10 +255,18 @@ class Trainer:
             pruned_state = json.loads((run.pruned / "trainer_state.json").read_text())
             model = load_pretrained(run.pruned, **dropout_overrides(a))
         model.l1 = a.l1 / ds_cfg["gradient_accumulation_steps"] if self.phase == "search" else 0.0
-        optimizer, groups = make_optimizer(model, ds_cfg, self.device)
         try:
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   model_parameters=groups, config=ds_cfg)
+            model.set_attention(a.attention)
+            optimizer = make_optimizer(model, ds_cfg, self.device)
+        except ValueError as e:
+            raise BadInput(f"{a.deepspeed_config}: {e}" if "optimizer" in str(e) else str(e))
+        if a.compile:
+            if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+                raise BadInput(f"--compile: not with ZeRO-3 ({a.deepspeed_config}): its parameter "
+                               "gathering hooks break the compiled graph; use ZeRO-1 or 2")
+            model.compile()  # in place: parameter names, gates and state_dict stay as they are
+        try:
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         except Exception as e:  # DeepSpeed raises assertion/validation/value errors for bad configs
             raise BadInput(f"{a.deepspeed_config}: DeepSpeed rejected the config ({type(e).__name__}: {e})")
         self.engine = engine
@@ -282,7 +277,7 @@ class Trainer:
             run.checkpoints.mkdir(parents=True, exist_ok=True)
             if recorded is None:
                 atomic_write_json(run.path / "run.json", identity)
-        torch.distributed.barrier()
+        self.comm.barrier()
         self.fingerprint = run.fingerprint()
         state = {"step": 0, "consumed": 0, "tokens": 0, "elapsed": 0.0}
         latest = run.latest_checkpoint()
@@ -311,7 +306,7 @@ class Trainer:
             atomic_write_json(run.path / "search.json", {
                 "snapshot_every": a.snapshot_every, "min_steps": a.search_min_steps,
                 "max_steps": a.search_max_steps, "prune_heads": a.prune_heads,
-                "prune_ffn": a.prune_ffn, "l1": a.l1, "heads": model.config.heads,
+                "prune_ffn": a.prune_ffn, "ffn_multiple": a.ffn_multiple, "l1": a.l1, "heads": model.config.heads,
                 "ffn": model.config.ffn})
         try:
             return self.train(state, ds_cfg)
@@ -335,74 +330,116 @@ class Trainer:
                                        a.mlm_probability, a.whole_word_masking, tok)
         sampler = ResumableSampler(len(train), self.rank, self.world, a.seed, state["consumed"])
         micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-        dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else \
-            torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32
+        self.fp16 = ds_cfg.get("fp16", {}).get("enabled", False)
+        dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else torch.float16 if self.fp16 else \
+            torch.bfloat16 if ds_cfg.get("torch_autocast", {}).get("enabled") else torch.float32
         module = engine.module
-        flops_seq = module.flops_per_sequence(manifest["seq_len"], a.mlm_probability)
-        peak = peak_flops(self.device, dtype) * self.world
+        peak, source = peak_flops(self.device, dtype)
+        self.log(f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({source})")
+        loader = Prefetcher(train, sampler, self.collate, micro, self.rank, a.seed,
+                            pin=self.device.type == "cuda", depth=a.prefetch)
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         t_start = time.time() - state["elapsed"]
+        dt = 0.0
         engine.train()
-        while state["step"] < a.max_steps:
-            if self.phase == "search":  # a step boundary: is there a ticket?
-                ticket = self._ticket(state)
-                if ticket is not None:
-                    return self._prune_and_exit(state, ticket)
-            t0 = time.time()
-            at_start = dict(state)
-            sums = torch.zeros(3, dtype=torch.float64)  # MLM loss, non-pad tokens, sum |gate|
-            for _ in range(gas):
-                pos = sampler.consumed + self.rank * micro  # this micro batch's first global position
-                idx = sampler.next_batch(micro)
-                gen = torch.Generator().manual_seed(hash((a.seed, pos)) & 0x7FFFFFFFFFFFFFFF)
-                batch = self.collate(*train.batch(idx), gen)
-                loss, _, _ = engine(**{k: v.to(self.device) for k, v in batch.items()
-                                       if k in ("input_ids", "segment_ids", "labels")})
-                finite = torch.tensor(float(torch.isfinite(loss).item()), dtype=torch.float64)
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if finite.item() < 1:
-                    return self._nonfinite(at_start, loss)
-                engine.backward(loss)
+        try:
+            if self.phase == "search" and (ticket := self._ticket(state)) is not None:
+                return self._prune_and_exit(state, ticket)
+            while state["step"] < a.max_steps:
+                t0, wait0 = time.time(), loader.wait_s
+                at_start = dict(state)
+                # One reduction and one read-back per step: [MLM loss, non-pad tokens, sum |gate|,
+                # non-finite micro batches, stop requested, out of time, ticket present].
+                sums = self.comm.zeros(7)
+                flops = 0.0
+                for i in range(gas):
+                    batch, state["consumed"] = loader.next()
+                    loss, n, _ = engine(**to_device(batch, self.device))
+                    mlm = loss.detach()
+                    if self.phase == "search":
+                        penalty = module.last_penalty.to(torch.float64)
+                        mlm = mlm - module.l1 * penalty
+                        sums[2] += penalty / gas
+                    sums[0] += mlm.to(torch.float64) / gas
+                    sums[3] += (~torch.isfinite(loss.detach())).to(torch.float64)
+                    sums[1] += float(batch["attention_mask"].sum())
+                    flops += module.flops(batch["input_ids"].numel(), batch["attention_pairs"], n)
+                    engine.backward(loss)
+                    if i < gas - 1:
+                        engine.step()  # inside the accumulation: DeepSpeed only counts it
+                for j, flag in enumerate(self._flags(t_start, dt)):
+                    if flag:
+                        sums[4 + j] += flag  # a Python scalar: no host-to-device copy to wait for
+                loss_sum, tokens, gate_l1, nonfinite, stop, late, ticket_seen = self.comm.sum(sums).tolist()
+                if nonfinite and not self.fp16:  # fp16: the loss scaler skips the step instead
+                    return self._nonfinite(at_start, loss_sum / self.world)
                 engine.step()
-                penalty = module.last_penalty.item() if self.phase == "search" else 0.0
-                sums += torch.tensor([(loss.item() - module.l1 * penalty) / gas,
-                                      float(batch["attention_mask"].sum()), penalty / gas])
-            torch.distributed.all_reduce(sums)
-            state["step"] += 1
-            state["consumed"] = sampler.consumed
-            state["tokens"] += int(sums[1])
-            self._set_lr(state["step"])
-            dt = time.time() - t0
-            state["elapsed"] = time.time() - t_start
-            if state["step"] % a.log_every == 0 or state["step"] == a.max_steps:
-                seqs = micro * gas * self.world
-                row = {"step": state["step"], "phase": self.phase, "loss": sums[0].item() / self.world,
-                       "lr": engine.get_lr()[0], "tokens": state["tokens"], "step_time_s": dt,
-                       "elapsed_s": state["elapsed"], "tokens_per_s": sums[1].item() / dt,
-                       "mfu": flops_seq * seqs / dt / peak, "samples": state["consumed"]}
-                if self.phase == "search":
-                    row["gate_l1"] = sums[2].item() / self.world
-                self._log_row(row)
-            if self.phase == "search" and state["step"] % a.snapshot_every == 0:
-                self._snapshot(state["step"])
-            if a.eval_every and state["step"] % a.eval_every == 0 and state["step"] < a.max_steps:
-                self.evaluate(state["step"])
-            stop = self._agree(self.stop_signal or (self.rank == 0 and self.run.stop_request.exists()))
-            out_of_time = a.max_time is not None and self._agree(
-                int(time.time() - t_start + 2 * dt + 10 > a.max_time))
-            if state["step"] % a.checkpoint_every == 0 or stop or out_of_time or state["step"] == a.max_steps:
-                self.checkpoint(state)
-            if stop or out_of_time:
-                if self.rank == 0:
-                    self.run.stop_request.unlink(missing_ok=True)  # acted on: the next launch runs
-                self.log(f"stopped at step {state['step']} ({'stop request' if stop else '--max_time'}); "
-                         f"checkpointed: run the same command to continue (exit {EXIT_PREEMPTED})")
-                return EXIT_PREEMPTED
+                skipped = not engine.was_step_applied()  # an fp16 overflow: DeepSpeed skipped it
+                state["tokens"] += int(tokens)
+                if not skipped:
+                    state["step"] += 1
+                    self._set_lr(state["step"])
+                dt = time.time() - t0
+                state["elapsed"] = time.time() - t_start
+                self._log_step(state, skipped, loss_sum / self.world, gate_l1 / self.world, tokens, dt,
+                               flops, peak, loader.wait_s - wait0)
+                if not skipped:
+                    self._after_step(state)
+                if stop or late:
+                    return self._stop(state, "stop request" if stop else "--max_time")
+                if state["step"] % a.checkpoint_every == 0 and not skipped or state["step"] == a.max_steps:
+                    self.checkpoint(state)
+                if self.phase == "search" and state["step"] < a.max_steps \
+                        and (ticket_seen or state["step"] >= a.search_max_steps) \
+                        and (ticket := self._ticket(state)) is not None:
+                    return self._prune_and_exit(state, ticket)
+        finally:
+            loader.close()
         self.evaluate(state["step"])
         self.export(state["step"])
         return 0
+
+    def _flags(self, t_start: float, dt: float) -> list[int]:
+        """This rank's view of [stop requested, out of time, ticket present] at a step's end."""
+        a = self.a
+        stop = bool(self.stop_signal) or (self.rank == 0 and self.run.stop_request.exists())
+        late = a.max_time is not None and time.time() - t_start + 2 * dt + 10 > a.max_time
+        ticket = self.phase == "search" and self.rank == 0 and self.run.ticket.exists()
+        return [int(stop), int(late), int(ticket)]
+
+    def _log_step(self, state: dict, skipped: bool, loss: float, gate_l1: float, tokens: float, dt: float,
+                  flops: float, peak: float, wait: float) -> None:
+        a = self.a
+        if not skipped and state["step"] % a.log_every != 0 and state["step"] != a.max_steps:
+            return
+        row = {"step": state["step"] + int(skipped), "phase": self.phase, "loss": loss,
+               "lr": self.engine.get_lr()[0], "tokens": state["tokens"], "step_time_s": dt,
+               "elapsed_s": state["elapsed"], "tokens_per_s": tokens / dt,
+               # flops: this rank's batches; every rank's are alike in size
+               "mfu": flops * self.world / dt / (peak * self.world), "data_wait_s": wait,
+               "samples": state["consumed"]}
+        if self.phase == "search":
+            row["gate_l1"] = gate_l1
+        if skipped:
+            row["skipped"] = True  # fp16 overflow: batch consumed, no optimizer step, no LR step
+        self._log_row(row)
+
+    def _after_step(self, state: dict) -> None:
+        a, step = self.a, state["step"]
+        if self.phase == "search" and step % a.snapshot_every == 0:
+            self._snapshot(step)
+        if a.eval_every and step % a.eval_every == 0 and step < a.max_steps:
+            self.evaluate(step)
+
+    def _stop(self, state: dict, why: str) -> int:
+        self.checkpoint(state)
+        if self.rank == 0:
+            self.run.stop_request.unlink(missing_ok=True)  # acted on: the next launch runs
+        self.log(f"stopped at step {state['step']} ({why}); checkpointed: run the same command to "
+                 f"continue (exit {EXIT_PREEMPTED})")
+        return EXIT_PREEMPTED
 
     def _set_lr(self, step: int, fast_forward: bool = False) -> None:
         """The efficient stage's fresh optimizer follows the LR schedule by global step, with an
@@ -420,16 +457,11 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = 1
 
-    def _agree(self, flag: int) -> bool:
-        t = torch.tensor(flag, dtype=torch.int32)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
-
-    def _nonfinite(self, at_start: dict, loss) -> int:
-        self.log(f"error: the loss is {loss.item()} at step {at_start['step'] + 1}: stopping; the "
+    def _nonfinite(self, at_start: dict, loss: float) -> int:
+        self.log(f"error: the loss is {loss} at step {at_start['step'] + 1}: stopping; the "
                  f"checkpoint holds the last good state (step {at_start['step']})")
         self.checkpoint(at_start)
-        self._log_row({"step": at_start["step"] + 1, "phase": self.phase, "loss": loss.item(),
+        self._log_row({"step": at_start["step"] + 1, "phase": self.phase, "loss": loss,
                        "lr": self.engine.get_lr()[0], "tokens": at_start["tokens"], "step_time_s": 0.0,
                        "elapsed_s": at_start["elapsed"], "nonfinite": True})
         return EXIT_NONFINITE
@@ -473,7 +505,7 @@ class Trainer:
         self.engine.eval()
         module, l1 = self.engine.module, self.engine.module.l1
         module.l1 = 0.0
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = self.comm.zeros(3)  # loss x predictions, predictions, correct
         micro = self.engine.train_micro_batch_size_per_gpu()
         n_batches = math.ceil(n_val / (micro * self.world))
         for i in range(n_batches):  # every rank runs the same number of forwards (ZeRO-3)
@@ -481,26 +513,27 @@ class Trainer:
             # Batch s holds sequences s..s+micro-1 masked with seed s, whatever the world size.
             idx = list(range(start, min(start + micro, n_val))) or [0]
             batch = self.collate(*self.val.batch(idx), torch.Generator().manual_seed(start))
-            loss, n, correct = self.engine(**{k: v.to(self.device) for k, v in batch.items()
-                                              if k in ("input_ids", "segment_ids", "labels")})
+            loss, n, correct = self.engine(**to_device(batch, self.device))
             if start < n_val:
-                sums += torch.tensor([loss.item() * n, float(n), float(correct)])
-        torch.distributed.all_reduce(sums)
+                sums[0] += loss.detach().to(torch.float64) * n
+                sums[1] += n
+                sums[2] += correct.to(torch.float64)
+        loss_sum, count, correct = self.comm.sum(sums).tolist()
         module.l1 = l1
         self.engine.train()
-        if sums[1] > 0:
-            self._log_row({"step": step, "phase": self.phase, "val_loss": (sums[0] / sums[1]).item(),
-                           "val_accuracy": (sums[2] / sums[1]).item()})
+        if count > 0:
+            self._log_row({"step": step, "phase": self.phase, "val_loss": loss_sum / count,
+                           "val_accuracy": correct / count})
 
     def checkpoint(self, state: dict) -> None:
         tag = f"step-{state['step']:07d}"
         tmp = "tmp-" + tag
         self.engine.save_checkpoint(str(self.run.checkpoints), tag=tmp,
                                     client_state={"trainer": dict(state)}, save_latest=False)
-        torch.distributed.barrier()
+        self.comm.barrier()
         if self.rank == 0:
             self.run.publish_checkpoint(tmp, tag, state["step"], self.a.keep_checkpoints, self.phase)
-        torch.distributed.barrier()
+        self.comm.barrier()
 
     # -- EarlyBERT: snapshots, ticket, pruning
 
@@ -537,7 +570,7 @@ class Trainer:
             tmp = path.with_name(".init.safetensors.tmp")
             save_file(full, str(tmp))
             os.replace(tmp, path)
-        torch.distributed.barrier()
+        self.comm.barrier()
 
     def _ticket(self, state: dict) -> dict | None:
         """At a step boundary: the ticket all ranks agree on, or None. Rank 0 reads
@@ -545,7 +578,7 @@ class Trainer:
         from pipeline.earlybird import (TicketError, draw_masks, publish_ticket, read_ticket,
                                         ticket_record)
         a, config = self.a, self.engine.module.config
-        present = self._agree(int(self.rank == 0 and self.run.ticket.exists()))
+        present = self.comm.agree(self.rank == 0 and self.run.ticket.exists())
         fallback = not present and state["step"] >= a.search_max_steps
         if not present and not fallback:
             return None
@@ -554,7 +587,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 if fallback:
-                    heads, ffn = draw_masks(*gates, a.prune_heads, a.prune_ffn)
+                    heads, ffn = draw_masks(*gates, a.prune_heads, a.prune_ffn, ffn_multiple=a.ffn_multiple)
                     reason = (f"fallback: no early-bird ticket by the maximum search length "
                               f"(--search_max_steps {a.search_max_steps}); drawn by the trainer from its "
                               f"own gates at step {state['step']}")
@@ -563,10 +596,10 @@ class Trainer:
                 box[0] = read_ticket(self.run.ticket, self.fingerprint, config.heads, config.ffn)
             except TicketError as e:
                 box[0] = str(e)
-        torch.distributed.broadcast_object_list(box, src=0)
-        if isinstance(box[0], str):
-            raise BadInput(box[0] + "; remove it to let the search go on")
-        return box[0]
+        found = self.comm.broadcast(box[0])
+        if isinstance(found, str):
+            raise BadInput(found + "; remove it to let the search go on")
+        return found
 
     def _prune_and_exit(self, state: dict, ticket: dict) -> int:
         """Checkpoint the dense state, write RUN/pruned/ (reduced model + where to continue)."""
@@ -601,7 +634,7 @@ class Trainer:
             self.log(f"ticket of step {ticket['step']} ({ticket['reason']}); {a.ticket} ticket, "
                      f"{a.ticket_weights} weights: heads {small.config.heads}, FFN {small.config.ffn}; "
                      f"{run.pruned} written: run the same command to continue (exit {EXIT_RELAUNCH})")
-        torch.distributed.barrier()
+        self.comm.barrier()
         return EXIT_RELAUNCH
 
     def export(self, step: int) -> None:
@@ -615,7 +648,7 @@ class Trainer:
                    folded_state_dict(module, full))
             atomic_write_json(self.run.path / "finished.json", {"step": step})
             self.log(f"exported {self.run.final}")
-        torch.distributed.barrier()
+        self.comm.barrier()
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.earlybird import (EarlyBirdRule, default_prune_heads, ffn_masks, head_masks,
+from pipeline.earlybird import (EarlyBirdRule, default_prune_heads, draw_masks, ffn_masks, head_masks,
                                 mask_distance)
 
 
@@ -81,3 +81,104 @@ def test_rule_fallback_at_the_maximum_search_length():
     for i, step in enumerate((20, 40, 60)):
         reason, _ = rule.update(step, *snapshot({i, i + 1, i + 2, i + 3}, {i}))
     assert reason.startswith("fallback")
+
+
+# ------------------------------------------------------------------ --ffn_multiple
+
+def _ffn_masks_before_ffn_multiple(gates, fraction):
+    """A copy of ffn_masks as it was before `multiple` existed (the reference for multiple=1)."""
+    sizes = [len(g) for g in gates]
+    flat = np.abs(np.concatenate([np.asarray(g, dtype=np.float64) for g in gates]))
+    keep = max(len(flat) - int(round(fraction * len(flat))), len(gates))
+    bounds = np.cumsum([0] + sizes)
+    order = lambda v: np.lexsort((np.arange(len(v)), -v))  # noqa: E731
+    firsts = [b + int(order(flat[b:e])[0]) for b, e in zip(bounds[:-1], bounds[1:])]
+    rank = flat.copy()
+    rank[firsts] = np.inf
+    mask = np.zeros(len(flat), dtype=bool)
+    mask[order(rank)[:keep]] = True
+    return [mask[b:e] for b, e in zip(bounds[:-1], bounds[1:])]
+
+
+def test_ffn_multiple_1_is_the_global_rule_unchanged():
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        sizes = rng.integers(1, 200, size=rng.integers(1, 8))
+        # some rounded gates, so that ties occur within and across layers
+        gates = [np.round(rng.normal(size=n), 1 if trial % 2 else 6) for n in sizes]
+        frac = float(rng.choice([0.0, 0.3, 0.5, 0.9, 0.99]))
+        old = _ffn_masks_before_ffn_multiple(gates, frac)
+        for new in (ffn_masks(gates, frac), ffn_masks(gates, frac, 1),
+                    draw_masks([np.ones(4)] * len(gates), gates, 1, frac)[1],
+                    draw_masks([np.ones(4)] * len(gates), gates, 1, frac, ffn_multiple=1)[1]):
+            assert [m.tolist() for m in new] == [m.tolist() for m in old]
+
+
+def test_ffn_multiple_64_on_bert_base():
+    rng = np.random.default_rng(0)
+    gates = [rng.normal(size=3072) for _ in range(12)]
+    masks = ffn_masks(gates, 0.3, 64)
+    widths = [int(m.sum()) for m in masks]
+    assert all(w % 64 == 0 and 64 <= w <= 3072 for w in widths)
+    keep = 36864 - round(0.3 * 36864)
+    assert keep == round(0.7 * 36864)
+    target = 64 * round(keep / 64)
+    assert sum(widths) == target  # the nearest multiple of 64: exact here
+    global_counts = [int(m.sum()) for m in ffn_masks(gates, 0.3)]
+    assert all(abs(w - c) < 64 for w, c in zip(widths, global_counts))  # rounded down or up
+    for g, m, w in zip(gates, masks, widths):  # each layer keeps its largest |gate|
+        a = np.abs(g)
+        assert a[m].min() > a[~m].max()
+    assert [m.tolist() for m in ffn_masks(gates, 0.3, 64)] == [m.tolist() for m in masks]  # deterministic
+    heads, ffn = draw_masks([rng.random(12) for _ in range(12)], gates, 4, 0.3, ffn_multiple=64)
+    assert [m.tolist() for m in ffn] == [m.tolist() for m in masks] and all(h.sum() == 8 for h in heads)
+
+
+def test_ffn_multiple_ties_and_tie_break():
+    # Equal gates: the global rule keeps [16, 16, 4] (ties to the lower layer); 4 is below the
+    # multiple, so that layer is raised to 8; within a layer ties keep the lower indices.
+    m = ffn_masks([np.ones(16), np.ones(16), np.ones(16)], 0.25, 8)
+    assert [int(x.sum()) for x in m] == [16, 16, 8]
+    assert all(x.tolist() == [True] * int(x.sum()) + [False] * (16 - int(x.sum())) for x in m)
+    # A total half-way between two multiples rounds up: 36 kept -> 40 at multiple 8.
+    m = ffn_masks([np.r_[np.full(36, 2.0), np.full(28, 0.1)]], 28 / 64, 8)
+    assert m[0].tolist() == [True] * 40 + [False] * 24
+    # Two layers each half a unit past a multiple: the lower layer gets the extra unit.
+    gates = [np.r_[np.full(96, 2.0), np.full(160, 0.1)], np.r_[np.full(96, 2.0), np.full(160, 0.1)]]
+    assert [int(x.sum()) for x in ffn_masks(gates, 0.625, 64)] == [128, 64]
+
+
+def test_ffn_multiple_small_and_odd_layers_never_empty():
+    rng = np.random.default_rng(3)
+    # A layer smaller than the multiple is kept whole; a layer whose size is no multiple may keep
+    # its full size; a layer whose neurons all rank last still keeps `multiple` of them.
+    gates = [rng.random(40), rng.random(100), np.full(256, 1e-6), rng.random(256) + 1]
+    masks = ffn_masks(gates, 0.5, 64)
+    widths = [int(m.sum()) for m in masks]
+    assert widths[0] == 40
+    assert widths[1] in (64, 100) and widths[2] >= 64 and widths[3] % 64 == 0
+    assert all(w > 0 for w in widths)
+    for trial in range(200):
+        n = rng.integers(1, 6)
+        sizes = rng.integers(1, 300, size=n)
+        gates = [rng.exponential(size=s) * rng.exponential() for s in sizes]
+        mult, frac = int(rng.choice([2, 8, 32, 64, 128])), float(rng.choice([0.1, 0.3, 0.6, 0.95]))
+        masks = ffn_masks(gates, frac, mult)
+        for g, m, s in zip(gates, masks, sizes):
+            w = int(m.sum())
+            assert len(m) == s and (w == s or (w % mult == 0 and w >= mult)), (sizes, mult, frac)
+            assert w >= min(mult, s) > 0
+            a = np.abs(g)
+            assert w == s or a[m].min() >= a[~m].max()
+        if all(s % mult == 0 for s in sizes):  # and no layer's count is below the multiple
+            counts = [int(m.sum()) for m in ffn_masks(gates, frac)]
+            if min(counts) >= mult:
+                total = sum(int(m.sum()) for m in masks)
+                assert total == mult * int(np.floor(sum(counts) / mult + 0.5))
+                assert all(abs(int(m.sum()) - c) < mult for m, c in zip(masks, counts))
+
+
+def test_ffn_multiple_out_of_range():
+    for bad in (0, -64, 1.5):
+        with pytest.raises(ValueError, match="--ffn_multiple"):
+            ffn_masks([np.ones(64)], 0.3, bad)

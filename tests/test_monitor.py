@@ -100,6 +100,33 @@ def test_monitor_flags_override_the_trainer_settings(tmp_path):
     assert t["kept_heads"] == [6, 6, 6] and sum(t["ffn_width"]) == 96 and t["step"] >= 150
 
 
+def test_monitor_ffn_multiple_from_search_json_and_flag(tmp_path):
+    run = make_run(tmp_path / "run", range(10, 310, 10))
+    search = json.loads((run.path / "search.json").read_text())
+    (run.path / "search.json").write_text(json.dumps({**search, "ffn_multiple": 16}))
+    r = monitor(run.path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads(run.ticket.read_text())
+    # the global rule keeps 192 - 58 = 134; the nearest multiple of 16 is 128
+    assert all(w % 16 == 0 for w in t["ffn_width"]) and sum(t["ffn_width"]) == 128
+    rows = [json.loads(x) for x in (run.earlybird / "distances.jsonl").read_text().splitlines()]
+    assert all(w % 16 == 0 for x in rows for w in x["ffn_width"])
+    read_ticket(run.ticket, run.fingerprint(), HEADS, FFN)
+    # The flag overrides search.json (here 32 over its 16); without either it is 1 (tested above).
+    run2 = make_run(tmp_path / "run2", range(10, 310, 10))
+    (run2.path / "search.json").write_text(json.dumps({**search, "ffn_multiple": 16}))
+    r = monitor(run2.path, "--ffn_multiple", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads(run2.ticket.read_text())
+    assert all(w % 32 == 0 for w in t["ffn_width"]) and sum(t["ffn_width"]) == 128
+    # A search.json value out of range is bad input, like a flag out of range.
+    bad = make_run(tmp_path / "bad", range(10, 30, 10))
+    (bad.path / "search.json").write_text(json.dumps({**search, "ffn_multiple": 0}))
+    r = monitor(bad.path)
+    assert r.returncode == 2 and "ffn_multiple 0" in r.stderr and "Traceback" not in r.stderr
+    assert not bad.ticket.exists()
+
+
 def test_monitor_bad_input(tmp_path):
     run = make_run(tmp_path / "run", range(10, 60, 10))
     snap = run.gates / "step-0000030.npz"
@@ -111,7 +138,8 @@ def test_monitor_bad_input(tmp_path):
     for name, data in before.items():
         assert (run.path / name).read_bytes() == data
     for flags, needle in ((["--prune_heads", "12"], "--prune_heads 12"), (["--prune_ffn", "1.5"], "--prune_ffn"),
-                          (["--prune_heads", "-1"], "--prune_heads"), (["--window", "1"], "--window")):
+                          (["--prune_heads", "-1"], "--prune_heads"), (["--window", "1"], "--window"),
+                          (["--ffn_multiple", "0"], "--ffn_multiple 0")):
         fresh = make_run(tmp_path / f"flags{len(list(tmp_path.iterdir()))}", range(10, 30, 10))
         r = monitor(fresh.path, *flags)
         assert r.returncode == 2 and needle in r.stderr, (flags, r.stderr[-500:])
