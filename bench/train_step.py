@@ -2,8 +2,8 @@
 
 In one run, per model and dtype: our training step (forward, backward, AdamW step) with each
 attention path (masked SDPA; variable-length flash attention on CUDA, attention dropout 0) and,
-with --compile, torch.compile; DeepSpeed ZeRO-2 (the trainer's engine: bf16 with fp32 master
-weights) on one rank; and transformers' BertForMaskedLM (SDPA) at the same shape and batch.
+with --compile, torch.compile; the trainer's DeepSpeed engine on one rank with shipped configs
+(default zero0_bf16 and zero2_bf16); and transformers' BertForMaskedLM (SDPA) at the same shape and batch.
 Tokens/s, MFU (our model's FLOPs with attention per document, against the datasheet peak of a
 known GPU or the measured matmul rate), ours/HF step time, peak memory and, with --data, the
 time a step waits for the loader thread (real packed batches). Prints a table and writes JSON.
@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ class Batches:
             if m["seq_len"] != args.seq_len or m["vocab_size"] != vocab:
                 raise SystemExit(f"{args.data}: seq_len {m['seq_len']}, vocabulary {m['vocab_size']}; "
                                  f"the benchmark wants {args.seq_len} and {vocab}")
-            self.loader = Prefetcher(ds, ResumableSampler(len(ds)), MaskingCollator(vocab, m["special_tokens"]),
+            self.loader = Prefetcher(ds, partial(ResumableSampler, len(ds)), MaskingCollator(vocab, m["special_tokens"]),
                                      args.batch, 0, 0, pin=device.type == "cuda")
         else:
             ids, labels, seg = batch(args.batch, args.seq_len, vocab, "cpu")
@@ -154,20 +155,23 @@ def measure(step, data, flops, args, model, compile_) -> dict:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else None}
 
 
-def deepspeed_row(name, dtype, device, args) -> dict:
+def deepspeed_row(name, dtype, device, args, config: Path) -> dict:
+    """The trainer's engine: a shipped DeepSpeed config at this batch, our AdamW (as train.py)."""
     import deepspeed
     if not CUDA:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if CUDA else "gloo")
+    from pipeline.optim import make_optimizer
     torch.manual_seed(0)
     model = BertForMLM(BertConfig.preset(name))
-    opt = torch.optim.AdamW(model.param_groups(0.01), lr=1e-4, fused=CUDA)
-    cfg = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-           "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
-    if dtype == torch.bfloat16:
-        cfg["bf16"] = {"enabled": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    cfg = json.loads(config.read_text())
+    cfg.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1, train_batch_size=args.batch)
+    cfg.pop("scheduler", None)
+    if dtype == torch.float32:
+        for key in ("bf16", "fp16", "torch_autocast"):
+            cfg.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg, device), config=cfg)
     data = Batches(args, model.config.vocab_size, device)
     flops = [0.0]
 
@@ -209,7 +213,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10 if CUDA else 3)
     ap.add_argument("--data", type=Path, default=None, help="a data_prep output (bert-base vocabulary) to feed real batches")
     ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile (first model)")
-    ap.add_argument("--no_deepspeed", action="store_true")
+    ap.add_argument("--deepspeed", nargs="*", type=Path,
+                    default=[ROOT / "ds_configs" / f for f in (("zero0_bf16.json", "zero2_bf16.json") if CUDA else ("cpu.json",))],
+                    help="DeepSpeed configs to time the trainer's engine with (first model only; none: skip)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "train_step.json")
     args = ap.parse_args()
     device = torch.device("cuda" if CUDA else "cpu")
@@ -226,8 +232,9 @@ def main() -> None:
                 variants.append(("ours varlen", lambda: ours_row(name, dtype, device, args, "varlen")))
             if args.compile and name == args.models[0]:
                 variants.append(("ours sdpa compiled", lambda: ours_row(name, dtype, device, args, compile_=True)))
-            if not args.no_deepspeed and name == args.models[0]:
-                variants.append(("deepspeed zero2", lambda: deepspeed_row(name, dtype, device, args)))
+            if name == args.models[0]:
+                for config in args.deepspeed:
+                    variants.append((f"deepspeed {config.stem}", lambda c=config: deepspeed_row(name, dtype, device, args, c)))
             variants.append(("hf sdpa", lambda: hf_row(name, dtype, device, args)))
             rows = {}
             for label, fn in variants:

@@ -73,7 +73,7 @@ def validation_loss(model_dir: Path, data: Path, micro: int = 4) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("stage,ranks", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)])
+@pytest.mark.parametrize("stage,ranks", [(0, 2), (1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)])
 def test_zero_stages_bf16(tmp_path, small_data, stage, ranks):
     cfg = ds_config(tmp_path, f"zero{stage}_bf16.json")
     run = tmp_path / "run"
