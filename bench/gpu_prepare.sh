@@ -52,8 +52,8 @@ fi
 # CPython 3.12 manylinux x86_64 (or pure) wheel at the version installed in the venv.
 #
 # The GPU image 'cuda' (Python 3.12.3, /opt/torch/.venv): the packages that DeepSpeed or the
-# wheels carried for it ask for and that /work/.library/device/KINDS.md ("Python packages already
-# there", read 2026-11-17) lists. pydantic, pydantic-core, annotated-types, typing-inspection and
+# wheels carried for it ask for and that the image's package list (read 2026-11-17) holds; checked
+# on an H100 machine of that image on 2026-11-27. pydantic, pydantic-core, annotated-types, typing-inspection and
 # hjson are not there.
 export GPU_IMAGE_HAS="einops msgpack ninja numpy packaging psutil py-cpuinfo torch tqdm
     nvidia-ml-py typing-extensions filelock fsspec jinja2 networkx sympy setuptools triton"

@@ -46,6 +46,8 @@ def datasheet_peak(device_name: str, dtype_name: str) -> float | None:
     """The table's figure in FLOP/s, or None when the device or dtype is not in it."""
     for pattern, peaks in PEAKS:
         if re.search(pattern, device_name):
+            if dtype_name == "tf32" and "tf32" not in peaks:  # no TF32 units (V100): fp32 it is
+                dtype_name = "fp32"
             return peaks[dtype_name] * TFLOPS if dtype_name in peaks else None
     return None
 

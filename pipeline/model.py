@@ -102,6 +102,7 @@ def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
     flat = (segment_ids.long() + torch.arange(B, device=segment_ids.device)[:, None] * L).reshape(-1)
     starts = torch.ones_like(flat, dtype=torch.bool)
     starts[1:] = flat[1:] != flat[:-1]
+    starts[::L] = True  # a row never continues the one before it
     idx = torch.nonzero(starts).squeeze(1)
     return torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
 

@@ -46,6 +46,10 @@ from pipeline.mfu import peak_flops  # noqa: E402
 from pipeline.optim import make_optimizer  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RELAUNCH = 2, 3, 75, 76
+DEFAULT_FFN_MULTIPLE = 64
+# fp16: steps in a row that the loss scaler skipped with a NaN/inf loss before the run stops
+# (exit 3): a forward that overflows does not recover by lowering the loss scale.
+MAX_NONFINITE_SKIPS = 20
 
 
 class BadInput(Exception):
@@ -91,9 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     eb.add_argument("--prune_heads", type=int, default=None,
                     help="heads dropped per layer (default 4 of 12, else a third)")
     eb.add_argument("--prune_ffn", type=float, default=0.3, help="fraction of FFN neurons dropped, globally")
-    eb.add_argument("--ffn_multiple", type=int, default=64,
-                    help="keep every layer's FFN width a multiple of this (1: the paper's free widths; "
-                         "on an H100 a ticket with free widths ran slower than the dense model)")
+    eb.add_argument("--ffn_multiple", type=int, default=None,
+                    help=f"keep every layer's FFN width a multiple of this (default {DEFAULT_FFN_MULTIPLE}; 1: the "
+                         "paper's free widths, which on an H100 made a ticket slower than the dense model); "
+                         "a resumed search keeps the value it began with")
     eb.add_argument("--ticket", choices=("rule", "random"), default="rule",
                     help="random: a seeded random ticket of the rule's shape (a baseline)")
     eb.add_argument("--ticket_weights", choices=("carry", "rewind"), default="carry",
@@ -108,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--deepspeed_config is required")
     for flag in ("max_steps", "snapshot_every", "checkpoint_every", "search_max_steps", "ffn_multiple",
                  "prefetch"):
-        if getattr(a, flag) < 1:
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     if not 0.0 <= a.prune_ffn < 1.0:
         p.error(f"--prune_ffn {a.prune_ffn}: must be in [0, 1)")
@@ -210,6 +215,18 @@ def build_model(a, manifest: dict):
     return model
 
 
+def resolve_ffn_multiple(flag: int | None, search: dict | None) -> int:
+    """A search keeps the FFN multiple it began with (RUN/search.json; one written before the flag
+    existed means 1), so a resumed run and a restarted monitor draw the same ticket."""
+    if search is None:
+        return DEFAULT_FFN_MULTIPLE if flag is None else flag
+    began = search.get("ffn_multiple", 1)
+    if flag is not None and flag != began:
+        raise BadInput(f"--ffn_multiple {flag}: this run's search began with {began} (RUN/search.json); "
+                       "leave the flag out or use a new --run_dir")
+    return began
+
+
 def run_identity(a, model, manifest: dict, ds_cfg: dict) -> dict:
     return {"model": model.config.to_dict(), "data": str(a.data.resolve()),
             "data_fingerprint": [manifest["splits"]["train"]["shards"][0]["sha256"], manifest["seq_len"]],
@@ -251,6 +268,7 @@ class Trainer:
             raise BadInput(f"{run.path}: belongs to a different run (differs in {', '.join(diff)}); "
                            "use a new --run_dir")
         self.phase = "dense" if a.earlybird == "off" else "efficient" if run.pruned_ready() else "search"
+        a.ffn_multiple = resolve_ffn_multiple(a.ffn_multiple, run.read_json("search.json") if recorded else None)
         pruned_state = None
         if self.phase == "efficient":
             from pipeline.hf import load_pretrained
@@ -344,13 +362,14 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         t_start = time.time() - state["elapsed"]
-        dt = 0.0
+        last, nonfinite_skips = 0.0, 0  # last: the previous step with its evaluation and checkpoint
         engine.train()
         try:
-            if self.phase == "search" and (ticket := self._ticket(state)) is not None:
+            if self.phase == "search" and state["step"] < a.max_steps and (ticket := self._ticket(state)) is not None:
                 return self._prune_and_exit(state, ticket)
+            t0 = time.time()
             while state["step"] < a.max_steps:
-                t0, wait0 = time.time(), loader.wait_s
+                last, t0, wait0 = time.time() - t0, time.time(), loader.wait_s
                 at_start = dict(state)
                 # One reduction and one read-back per step: [MLM loss, non-pad tokens, sum |gate|,
                 # non-finite micro batches, stop requested, out of time, ticket present].
@@ -371,14 +390,20 @@ class Trainer:
                     engine.backward(loss)
                     if i < gas - 1:
                         engine.step()  # inside the accumulation: DeepSpeed only counts it
-                for j, flag in enumerate(self._flags(t_start, dt)):
+                for j, flag in enumerate(self._flags(t_start, max(last, time.time() - t0))):
                     if flag:
                         sums[4 + j] += flag  # a Python scalar: no host-to-device copy to wait for
                 loss_sum, tokens, gate_l1, nonfinite, stop, late, ticket_seen = self.comm.sum(sums).tolist()
-                if nonfinite and not self.fp16:  # fp16: the loss scaler skips the step instead
-                    return self._nonfinite(at_start, loss_sum / self.world)
-                engine.step()
+                if nonfinite and (not self.fp16 or nonfinite_skips >= MAX_NONFINITE_SKIPS):
+                    return self._nonfinite(at_start, loss_sum / self.world)  # fp16: the scaler skips it first
+                try:
+                    engine.step()
+                except Exception as e:  # DeepSpeed's loss scaler at its minimum
+                    if self.fp16 and "loss scale" in str(e).lower():
+                        return self._nonfinite(at_start, loss_sum / self.world)
+                    raise
                 skipped = not engine.was_step_applied()  # an fp16 overflow: DeepSpeed skipped it
+                nonfinite_skips = nonfinite_skips + 1 if skipped and nonfinite else 0
                 state["tokens"] += int(tokens)
                 if not skipped:
                     state["step"] += 1
@@ -407,6 +432,8 @@ class Trainer:
         """This rank's view of [stop requested, out of time, ticket present] at a step's end."""
         a = self.a
         stop = bool(self.stop_signal) or (self.rank == 0 and self.run.stop_request.exists())
+        # dt: the previous step with its evaluation and checkpoint, or this one so far if longer;
+        # twice that, and 10 s for the checkpoint, must still fit
         late = a.max_time is not None and time.time() - t_start + 2 * dt + 10 > a.max_time
         ticket = self.phase == "search" and self.rank == 0 and self.run.ticket.exists()
         return [int(stop), int(late), int(ticket)]
