@@ -68,6 +68,7 @@ fi
 "$PYTHON" - "$OUT_DIR" "$t_tests" "$((SECONDS - t0))" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
+from bench.train_step import table
 out, t_tests, t_all = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 summary = {"tests_s": t_tests, "total_s": t_all}
 print("\n== GPU check summary ==")
@@ -82,15 +83,7 @@ if (out / "tests.xml").exists():
 if (out / "train_step.json").exists():
     ts = json.loads((out / "train_step.json").read_text())
     summary["train_step"] = ts["results"]
-    print("| model | variant | s/step | tokens/s | MFU | / HF |")
-    print("|---|---|---|---|---|---|")
-    for r in ts["results"]:
-        if "error" in r:
-            print(f"| {r['model']} | {r['variant']} | failed | | | |")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else ""
-        hf = f"{r['over_hf']:.2f}" if r.get("over_hf") else ""
-        print(f"| {r['model']} | {r['variant']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | {hf} |")
+    print(table(ts))
 if (out / "earlybird.json").exists():
     eb = json.loads((out / "earlybird.json").read_text())
     summary["earlybird"] = eb["rows"]

@@ -204,6 +204,24 @@ def hf_row(name, dtype, device, args) -> dict:
     return measure(step, data, [0.0], args, model, False)
 
 
+def table(out: dict) -> str:
+    """The benchmark's JSON as a Markdown table (also printed by bench/gpu.sh's summary)."""
+    def f(v, fmt):
+        return fmt.format(v) if v is not None else ""
+    lines = [f"batch {out['batch']} x seq {out['seq_len']}, {out['device']}, data {out['data']}",
+             "| dtype | model | variant | s/step | tokens/s | MFU | / HF step | peak GiB | data wait s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["results"]:
+        if "error" in r:
+            lines.append(f"| {r['dtype']} | {r['model']} | {r['variant']} | failed: {r['error'][:60]} | | | | | |")
+            continue
+        lines.append(f"| {r['dtype']} | {r['model']} | {r['variant']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
+                     f"{f(r.get('mfu'), '{:.1%}')} | {f(r.get('over_hf'), '{:.2f}')} | "
+                     f"{f(r['peak_memory_gib'], '{:.1f}')} | {r['data_wait_s']:.4f} |")
+    lines += [f"peak {d}: {p['flops_per_s'] / 1e12:.1f} TFLOP/s ({p['source']})" for d, p in out["peak"].items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", nargs="+", default=["bf16"] if CUDA else ["bf16", "fp32"], choices=list(DTYPES))
@@ -252,19 +270,7 @@ def main() -> None:
                     r["over_hf"] = r["step_s"] / hf if hf and label != "hf sdpa" else None
                 out["results"].append({"dtype": dname, "model": name, "variant": label, **r})
                 print(f"{dname} {name} {label}: {json.dumps(r)}", flush=True)
-    print(f"\nbatch {args.batch} x seq {args.seq_len}, {out['device']}, data {out['data']}")
-    print("| dtype | model | variant | s/step | tokens/s | MFU | / HF step | peak GiB | data wait s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in out["results"]:
-        if "error" in r:
-            print(f"| {r['dtype']} | {r['model']} | {r['variant']} | failed: {r['error'][:60]} | | | | | |")
-            continue
-        f = lambda v, fmt: fmt.format(v) if v is not None else ""  # noqa: E731
-        print(f"| {r['dtype']} | {r['model']} | {r['variant']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
-              f"{f(r.get('mfu'), '{:.1%}')} | {f(r.get('over_hf'), '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} | "
-              f"{r['data_wait_s']:.4f} |")
-    for dname, p in out["peak"].items():
-        print(f"peak {dname}: {p['flops_per_s'] / 1e12:.1f} TFLOP/s ({p['source']})")
+    print("\n" + table(out))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")

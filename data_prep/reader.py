@@ -82,6 +82,19 @@ class ResumableSampler:
         return out
 
 
+def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cumulative document lengths over the flattened batch, for variable-length attention.
+    The collator builds it on the CPU (data-dependent size: on the GPU it would cost a
+    device-to-host sync every forward); the model falls back to it on the device."""
+    B, L = segment_ids.shape
+    flat = (segment_ids.long() + torch.arange(B, device=segment_ids.device)[:, None] * L).reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::L] = True  # a row never continues the one before it
+    idx = torch.nonzero(starts).squeeze(1)
+    return torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
 class MaskingCollator:
     """Dynamic MLM masking, vectorised: each token (or each whole word) is chosen with
     probability mlm_probability; chosen tokens become [MASK] 80 %, a random token 10 %, stay
@@ -130,12 +143,9 @@ class MaskingCollator:
         # Computed here, on the CPU, so that the training step reads nothing back from the GPU:
         # document bounds over the flattened batch (varlen attention), the predicted positions
         # (the MLM head runs on those only), and sum of document length^2 (attention FLOPs).
-        B = ids.shape[0]
-        flat_starts = starts.clone()
-        flat_starts[:, 0] = True
-        cu = torch.cat([torch.nonzero(flat_starts.reshape(-1)).squeeze(1), torch.tensor([B * L])])
-        lengths = cu[1:] - cu[:-1]
+        cu = cu_seqlens(segment_ids)
+        lengths = (cu[1:] - cu[:-1]).long()
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "segment_ids": segment_ids, "cu_seqlens": cu.to(torch.int32),
+                "segment_ids": segment_ids, "cu_seqlens": cu,
                 "mlm_index": torch.nonzero(labels.reshape(-1) != -100).squeeze(1),
                 "attention_pairs": int((lengths * lengths).sum())}

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_prep.reader import cu_seqlens
+
 PRESETS = {  # layers, hidden, heads (FFN = 4 x hidden)
     "bert-tiny": (2, 128, 2), "bert-mini": (4, 256, 4), "bert-small": (4, 512, 8),
     "bert-medium": (8, 512, 8), "bert-base": (12, 768, 12), "bert-large": (24, 1024, 16),
@@ -92,19 +94,6 @@ ATTENTION = ("sdpa", "varlen")
 def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, L] boolean: query i may attend key j iff both lie in the same document."""
     return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-
-
-def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
-    """int32 cumulative document lengths over the flattened batch, for variable-length attention.
-    The trainer's collator builds it on the CPU (data-dependent size: on the GPU it would cost a
-    device-to-host sync every forward)."""
-    B, L = segment_ids.shape
-    flat = (segment_ids.long() + torch.arange(B, device=segment_ids.device)[:, None] * L).reshape(-1)
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[::L] = True  # a row never continues the one before it
-    idx = torch.nonzero(starts).squeeze(1)
-    return torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
 
 
 def _varlen_kernel():

@@ -215,6 +215,18 @@ def build_model(a, manifest: dict):
     return model
 
 
+def training_dtype(ds_cfg: dict) -> torch.dtype:
+    """What the matmuls run in: DeepSpeed's bf16/fp16 sections, or torch autocast, else fp32."""
+    if ds_cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    autocast = ds_cfg.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return torch.float16 if autocast.get("dtype") in ("float16", "fp16") else torch.bfloat16
+    return torch.float32
+
+
 def resolve_ffn_multiple(flag: int | None, search: dict | None) -> int:
     """A search keeps the FFN multiple it began with (RUN/search.json; one written before the flag
     existed means 1), so a resumed run and a restarted monitor draw the same ticket."""
@@ -277,9 +289,12 @@ class Trainer:
         model.l1 = a.l1 / ds_cfg["gradient_accumulation_steps"] if self.phase == "search" else 0.0
         try:
             model.set_attention(a.attention)
+        except ValueError as e:
+            raise BadInput(str(e))
+        try:
             optimizer = make_optimizer(model, ds_cfg, self.device)
         except ValueError as e:
-            raise BadInput(f"{a.deepspeed_config}: {e}" if "optimizer" in str(e) else str(e))
+            raise BadInput(f"{a.deepspeed_config}: {e}")
         if a.compile:
             if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
                 raise BadInput(f"--compile: not with ZeRO-3 ({a.deepspeed_config}): its parameter "
@@ -349,9 +364,8 @@ class Trainer:
         self.collate = MaskingCollator(manifest["vocab_size"], manifest["special_tokens"],
                                        a.mlm_probability, a.whole_word_masking, tok)
         micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-        self.fp16 = ds_cfg.get("fp16", {}).get("enabled", False)
-        dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else torch.float16 if self.fp16 else \
-            torch.bfloat16 if ds_cfg.get("torch_autocast", {}).get("enabled") else torch.float32
+        dtype = training_dtype(ds_cfg)
+        self.fp16 = bool(ds_cfg.get("fp16", {}).get("enabled"))  # DeepSpeed's loss scaler skips steps
         module = engine.module
         peak, source = peak_flops(self.device, dtype)
         self.log(f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({source})")
@@ -446,8 +460,8 @@ class Trainer:
         row = {"step": state["step"] + int(skipped), "phase": self.phase, "loss": loss,
                "lr": self.engine.get_lr()[0], "tokens": state["tokens"], "step_time_s": dt,
                "elapsed_s": state["elapsed"], "tokens_per_s": tokens / dt,
-               # flops: this rank's batches; every rank's are alike in size
-               "mfu": flops * self.world / dt / (peak * self.world), "data_wait_s": wait,
+               # flops and peak both of one rank (every rank's batches are alike in size)
+               "mfu": flops / dt / peak, "data_wait_s": wait,
                "samples": state["consumed"]}
         if self.phase == "search":
             row["gate_l1"] = gate_l1

@@ -9,6 +9,8 @@ from gpu_common import needs_cuda
 from pipeline.model import VARLEN, BertConfig, BertForMLM, cu_seqlens
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
+needs_varlen = pytest.mark.skipif(VARLEN is None, reason="no variable-length flash kernel in this torch")
+IMPLS = ["sdpa", pytest.param("varlen", marks=needs_varlen)]
 
 
 def packed_batch(B: int, L: int, vocab: int, gen: torch.Generator):
@@ -32,7 +34,7 @@ def model(attention_dropout=0.0, seed=0) -> BertForMLM:
     return BertForMLM(c).cuda().to(torch.bfloat16)
 
 
-@pytest.mark.skipif(VARLEN is None, reason="no variable-length flash kernel in this torch")
+@needs_varlen
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_varlen_matches_masked_sdpa(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -58,10 +60,8 @@ def test_varlen_matches_masked_sdpa(seed):
         assert cos > 0.99, (k, cos.item())
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_no_attention_across_documents(impl):
-    if impl == "varlen" and VARLEN is None:
-        pytest.skip("no varlen kernel")
     gen = torch.Generator().manual_seed(7)
     ids, seg, _ = packed_batch(2, 64, 4096, gen)
     seg[:, :20], seg[:, 20:] = 0, 1
@@ -96,10 +96,8 @@ def test_varlen_without_dropout_kernel_refuses_dropout():
             m.set_attention("varlen")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_training_step_has_no_host_sync(impl):
-    if impl == "varlen" and VARLEN is None:
-        pytest.skip("no varlen kernel")
     gen = torch.Generator().manual_seed(5)
     ids, seg, labels = packed_batch(8, 128, 4096, gen)
     cu = cu_seqlens(seg)
