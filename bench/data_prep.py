@@ -6,7 +6,10 @@ tokenizer's raw encode_batch on the same text with the same number of cores; 1 v
 peak RSS of the whole process tree; the Wikipedia-dump path (markup cleaning included); and a
 projection for English Wikipedia + BookCorpus on one 64-core node.
 
-    python bench/data_prep.py [--mb 24] [--json bench/out/data_prep.json]
+    python -m bench.data_prep [--mb 24] [--json bench/out/data_prep.json]
+
+From the repository root, as a module: run as a script, this file's own directory would come
+first on the import path and `import data_prep` would find this file instead of the package.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from data_prep.args import embedded_corpus
+from data_prep.chunks import iter_chunks
+from data_prep.events import Doc
+from data_prep.sources import iter_documents, parse_spec
+from data_prep.wikitext import WikiCleaner
 
-from data_prep.build import embedded_corpus, iter_chunks  # noqa: E402
-from data_prep.sources import iter_documents, parse_spec  # noqa: E402
-from data_prep.wikitext import WikiCleaner  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 WORDS_FULL_CORPUS = 3.3e9  # English Wikipedia (~2.5 B words) + BookCorpus (~0.8 B words)
 WIKI_SHARE = 2.5 / 3.3
@@ -34,9 +38,8 @@ WIKI_SHARE = 2.5 / 3.3
 def cleaned_articles(spec: str) -> list[str]:
     out, cleaners = [], {}
     for ev in iter_documents(parse_spec(spec)):
-        if ev[0] == "doc":
-            wiki = ev[5]
-            out.append(cleaners.setdefault(wiki, WikiCleaner(set(wiki))).clean(ev[2]))
+        if isinstance(ev, Doc):
+            out.append(cleaners.setdefault(ev.wiki, WikiCleaner(set(ev.wiki))).clean(ev.text))
     return out
 
 
@@ -131,7 +134,7 @@ def main() -> None:
             pass
         reader_text = mb / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        markup = sum(len(c[2]) for ch in iter_chunks([parse_spec(wiki)]) for c in ch["items"])
+        markup = sum(len(page.xml) for ch in iter_chunks([parse_spec(wiki)]) for page in ch.items)
         reader_wiki = markup / 1e6 / (time.perf_counter() - t0)
         tw, rssw = run_build(["--source", wiki, "--out", str(tmp / "ow"), "--workers", "2"], env)
         mw = json.loads((tmp / "ow" / "manifest.json").read_text())

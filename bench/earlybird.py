@@ -9,7 +9,7 @@ once per dtype. Target: the realised speed-up (dense time / ticket time) at leas
 FLOPs-predicted one (dense FLOPs / ticket FLOPs) on CPU, 95 % on a GPU with bert-base.
 Prints a table and writes bench/out/earlybird.json.
 
-    python bench/earlybird.py [--dtype bf16 fp32] [--layers 6 --hidden 384 --heads 12 --ffn 1536]
+    python -m bench.earlybird [--dtype bf16 fp32] [--layers 6 --hidden 384 --heads 12 --ffn 1536]
         [--seq 128 --batch 2 --steps 2] [--ffn_multiple 1 64]
         # on a GPU: --layers 12 --hidden 768 --ffn 3072
 """
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from bench.train_step import batch, timed
+from pipeline.earlybird import draw_masks
+from pipeline.model import BertConfig, BertForMLM
+from pipeline.prune import pruned_config
 
-from bench.train_step import batch, timed  # noqa: E402
-from pipeline.earlybird import draw_masks  # noqa: E402
-from pipeline.model import BertConfig, BertForMLM  # noqa: E402
-from pipeline.prune import pruned_config  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: ds_configs/ and bench/out/
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 

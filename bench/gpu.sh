@@ -57,10 +57,10 @@ if [[ "$PART" != bench ]]; then
 fi
 t_tests=$((SECONDS - t0))
 if [[ "$PART" != tests ]]; then
-    timeout 240 "$PYTHON" bench/train_step.py --models bert-base bert-large --dtype bf16 --batch 128 --steps 10 \
+    timeout 240 "$PYTHON" -m bench.train_step --models bert-base bert-large --dtype bf16 --batch 128 --steps 10 \
         --data bench/gpu_data --compile --deepspeed ds_configs/zero0_bf16.json ds_configs/zero2_bf16.json --json "$OUT_DIR/train_step.json" 2>&1 | tee "$OUT_DIR/train_step.log" | tail -14
     [[ "${PIPESTATUS[0]}" -eq 0 ]] || status=1
-    timeout 120 "$PYTHON" bench/earlybird.py --dtype bf16 --layers 12 --hidden 768 --heads 12 --ffn 3072 --batch 128 \
+    timeout 120 "$PYTHON" -m bench.earlybird --dtype bf16 --layers 12 --hidden 768 --heads 12 --ffn 3072 --batch 128 \
         --steps 10 --ffn_multiple 1 64 --out "$OUT_DIR/earlybird.json" 2>&1 | tee "$OUT_DIR/earlybird.log" | tail -6
     [[ "${PIPESTATUS[0]}" -eq 0 ]] || status=1
 fi

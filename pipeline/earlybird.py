@@ -8,18 +8,14 @@ everything the way the released code's `> quantile` threshold does. With `ffn_mu
 (our extension, not in the paper) each layer's FFN width is rounded to a multiple of N (or the
 layer's full size) that GPUs multiply faster, keeping the global count as nearly as possible.
 
-Also the files the trainer and the monitor exchange through RUN: gate snapshots
-(RUN/gates/step-NNNNNNN.npz) and the ticket (RUN/ticket.json, written once, checked against the
-run's fingerprint and the model's shape before use).
+The files the trainer and the monitor exchange (gate snapshots, the ticket) are
+pipeline.run_dir's.
 """
 from __future__ import annotations
 
-import json
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 
@@ -165,49 +161,6 @@ class EarlyBirdRule:
         return None, d
 
 
-# ------------------------------------------------------------------ files shared by trainer and monitor
-
-class TicketError(ValueError):
-    """A gate snapshot or ticket file that cannot be used; the message names the file."""
-
-
-def write_snapshot(directory: Path, step: int, heads: list[np.ndarray], ffn: list[np.ndarray]) -> Path:
-    """RUN/gates/step-NNNNNNN.npz: |gate| per layer, written to a temporary name and renamed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step-{step:07d}.npz"
-    tmp = directory / f".{path.name}.tmp{os.getpid()}"
-    arrays = {f"heads_{i}": np.abs(h).astype(np.float32) for i, h in enumerate(heads)}
-    arrays.update({f"ffn_{i}": np.abs(f).astype(np.float32) for i, f in enumerate(ffn)})
-    with open(tmp, "wb") as f:
-        np.savez(f, step=np.int64(step), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def snapshot_paths(directory: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in directory.glob("step-*.npz"):
-        try:
-            found.append((int(p.stem.split("-")[1]), p))
-        except ValueError:
-            continue
-    return sorted(found)
-
-
-def read_snapshot(path: Path, layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    try:
-        with np.load(path) as z:
-            heads = [z[f"heads_{i}"].astype(np.float64) for i in range(layers)]
-            ffn = [z[f"ffn_{i}"].astype(np.float64) for i in range(layers)]
-    except Exception as e:  # zipfile/pickle/key errors: a truncated or foreign file
-        raise TicketError(f"{path}: not a readable gate snapshot of {layers} layers ({type(e).__name__}: {e})")
-    if any(not np.isfinite(g).all() for g in heads + ffn):
-        raise TicketError(f"{path}: the gate snapshot holds NaN or inf")
-    return heads, ffn
-
-
 def random_masks(like: list[np.ndarray], seed: int) -> list[np.ndarray]:
     """Seeded random masks with exactly the per-layer kept counts of `like` (the random-ticket
     baseline: the same shape as the rule's ticket)."""
@@ -218,48 +171,3 @@ def random_masks(like: list[np.ndarray], seed: int) -> list[np.ndarray]:
         r[rng.choice(len(m), int(m.sum()), replace=False)] = True
         out.append(r)
     return out
-
-
-def ticket_record(step: int, reason: str, source: str, run: str, heads: list[np.ndarray],
-                  ffn: list[np.ndarray], distances: list[dict]) -> dict:
-    return {"step": step, "reason": reason, "source": source, "run": run,
-            "kept_heads": [int(h.sum()) for h in heads], "ffn_width": [int(f.sum()) for f in ffn],
-            "heads": [h.astype(int).tolist() for h in heads], "ffn": [f.astype(int).tolist() for f in ffn],
-            "distances": distances}
-
-
-def publish_ticket(path: Path, record: dict) -> dict:
-    """Writes RUN/ticket.json unless a ticket is already there (the monitor and the trainer's
-    fallback may race); returns the record that is in place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)  # atomic and exclusive: fails if a ticket exists
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return json.loads(path.read_text())
-
-
-def read_ticket(path: Path, run: str, heads: list[int], ffn: list[int]) -> dict:
-    """Loads and checks a ticket against this run (fingerprint) and model shape."""
-    try:
-        t = json.loads(path.read_text())
-        masks_h = [np.asarray(h, dtype=int).astype(bool) for h in t["heads"]]
-        masks_f = [np.asarray(f, dtype=int).astype(bool) for f in t["ffn"]]
-        step, reason, owner = int(t["step"]), str(t["reason"]), t["run"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TicketError(f"{path}: not a valid ticket ({type(e).__name__}: {e})")
-    if owner != run:
-        raise TicketError(f"{path}: the ticket belongs to another run ({owner}, this run is {run})")
-    if [len(h) for h in masks_h] != list(heads) or [len(f) for f in masks_f] != list(ffn):
-        raise TicketError(f"{path}: the ticket's layers do not match the model "
-                          f"({len(masks_h)} layers, the model {len(heads)})")
-    for i, (h, f) in enumerate(zip(masks_h, masks_f)):
-        if not h.any() or not f.any():
-            raise TicketError(f"{path}: the ticket prunes every {'head' if not h.any() else 'FFN neuron'} "
-                              f"of layer {i}")
-    return {**t, "step": step, "reason": reason, "heads": masks_h, "ffn": masks_f}

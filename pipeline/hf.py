@@ -6,9 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from .model import BertConfig, BertForMLM
+from .model import TIED_DECODER, TIED_DECODER_BIAS, WORD_EMBEDDINGS, BertConfig, BertForMLM, is_gate
+from .prune import prune_state_dict
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -36,7 +39,6 @@ def hf_config_dict(c: BertConfig) -> dict:
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").exists():
-        from safetensors.torch import load_file
         return load_file(str(directory / "model.safetensors"))
     if (directory / "pytorch_model.bin").exists():
         return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -56,14 +58,14 @@ def load_pretrained(directory: Path | str, **overrides) -> BertForMLM:
         name = k if k.startswith(("bert.", "cls.")) else "bert." + k
         if name in ours:
             mapped[name] = v
-    missing = [k for k in ours if k not in mapped and not k.startswith("cls.") and not k.endswith("_gates")]
+    missing = [k for k in ours if k not in mapped and not k.startswith("cls.") and not is_gate(k)]
     if missing:
         raise ValueError(f"{directory}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for k, v in mapped.items():
         if v.shape != ours[k].shape:
             raise ValueError(f"{directory}: {k} has shape {tuple(v.shape)}, the config says {tuple(ours[k].shape)}")
-    if "cls.predictions.decoder.weight" not in mapped:  # tied to the word embeddings
-        mapped["cls.predictions.decoder.weight"] = mapped["bert.embeddings.word_embeddings.weight"]
+    if TIED_DECODER not in mapped:
+        mapped[TIED_DECODER] = mapped[WORD_EMBEDDINGS]
     model.load_state_dict(mapped, strict=False)
     return model
 
@@ -71,9 +73,6 @@ def load_pretrained(directory: Path | str, **overrides) -> BertForMLM:
 def folded_state_dict(model: BertForMLM, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """The weights (fp32) with every gate folded into the layer that follows it, gates dropped:
     the result computes exactly what the gated model computes."""
-    import numpy as np
-
-    from .prune import prune_state_dict
     c = model.config
     keep_all = [np.ones(n, dtype=bool) for n in c.heads], [np.ones(n, dtype=bool) for n in c.ffn]
     return prune_state_dict(model.state_dict() if state_dict is None else state_dict, c, *keep_all)
@@ -83,16 +82,13 @@ def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
            state_dict: dict | None = None, extra: dict[str, dict] | None = None) -> None:
     """Writes OUT (model.safetensors, config.json, tokenizer, and `extra` JSON files) through a
     temporary directory renamed into place."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     sd = state_dict if state_dict is not None else folded_state_dict(model)
     # safetensors refuses shared storage: the decoder weight is tied to the word embeddings.
-    sd = {k: v.contiguous() for k, v in sd.items() if k not in ("cls.predictions.decoder.weight",
-                                                              "cls.predictions.decoder.bias")}
+    sd = {k: v.contiguous() for k, v in sd.items() if k not in (TIED_DECODER, TIED_DECODER_BIAS)}
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = hf_config_dict(model.config)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -28,6 +28,39 @@ PRESETS = {  # layers, hidden, heads (FFN = 4 x hidden)
 }
 
 
+# -- parameter names (transformers' BertForMaskedLM layout): the one place they are spelled;
+# the trainer, pruning and the Hugging Face export ask for them here.
+WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
+TIED_DECODER = "cls.predictions.decoder.weight"  # the word embeddings, tied
+TIED_DECODER_BIAS = "cls.predictions.decoder.bias"  # an alias of cls.predictions.bias
+GATE_SUFFIX = "_gates"
+
+
+def is_gate(name: str) -> bool:
+    return name.endswith(GATE_SUFFIX)
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """Layer i's parameter names: the ones pruning slices and gates fold into."""
+    i: int
+
+    def __getattr__(self, part: str) -> str:  # e.g. names.query_weight -> ...attention.self.query.weight
+        try:
+            return f"bert.encoder.layer.{self.i}." + _LAYER_PARTS[part]
+        except KeyError:
+            raise AttributeError(part) from None
+
+
+_LAYER_PARTS = {
+    "head_gates": "attention.self.head_gates", "ffn_gates": "intermediate.ffn_gates",
+    **{f"{x}_{kind}": f"attention.self.{x}.{kind}" for x in ("query", "key", "value") for kind in ("weight", "bias")},
+    "attention_out_weight": "attention.output.dense.weight",
+    "ffn_in_weight": "intermediate.dense.weight", "ffn_in_bias": "intermediate.dense.bias",
+    "ffn_out_weight": "output.dense.weight",
+}
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -355,7 +388,7 @@ class BertForMLM(nn.Module):
 
     # -- EarlyBERT gates
     def gates(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n.endswith("_gates")]
+        return [p for n, p in self.named_parameters() if is_gate(n)]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: no weight decay on biases, LayerNorm and gates (EARLYBERT.md)."""
@@ -364,7 +397,7 @@ class BertForMLM(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if p.ndim < 2 or n.endswith("_gates") else decay).append(p)
+            (no_decay if p.ndim < 2 or is_gate(n) else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 

@@ -9,8 +9,9 @@ record: distances.jsonl (one row per snapshot) and PNG plots (pairwise step x st
 distances for heads and FFN, distance to the previous mask, the ticket's shape, gate histograms).
 When the trainer logs to W&B (RUN/wandb.json), the same goes to a W&B run in its group.
 
-Flags left out come from RUN/search.json (the trainer's --prune_heads, --prune_ffn,
---ffn_multiple, --search_min_steps; an older run's search.json without ffn_multiple means 1).
+Its settings are the trainer's, from RUN/search.json (pipeline.settings.SearchSettings: --prune_heads,
+--prune_ffn, --ffn_multiple, --search_min_steps as --min_steps, --window, --epsilon); the flags
+here override them for experiments. An older run's search.json without ffn_multiple means 1.
 Everything is rebuilt from the snapshots at start, so a killed monitor restarted reaches the same
 decision. It exits by itself once the run has left the searching stage
 (a ticket is in place, RUN/pruned/ or RUN/finished.json exists, or the run does not search).
@@ -19,6 +20,7 @@ Exit codes: 0 done; 2 bad input (a flag out of range, an unreadable snapshot).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from data_prep.files import atomic_write_bytes
+from pipeline.earlybird import EarlyBirdRule, draw_masks
+from pipeline.errors import UserError, exit_on_user_error
+from pipeline.run_dir import RunDir, SearchRecord, ticket_record
+from pipeline.settings import SearchSettings
 
-from data_prep.files import atomic_write_bytes  # noqa: E402
-from pipeline.earlybird import (EarlyBirdRule, TicketError, draw_masks, publish_ticket,  # noqa: E402
-                                read_snapshot, snapshot_paths, ticket_record)
-from pipeline.run_dir import RunDir  # noqa: E402
+# The monitor's flag -> the SearchSettings field it overrides (RUN/search.json gives the rest).
+OVERRIDES = {"prune_heads": "prune_heads", "prune_ffn": "prune_ffn", "ffn_multiple": "ffn_multiple",
+             "min_steps": "search_min_steps", "window": "window", "epsilon": "epsilon"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,32 +48,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ffn_multiple", type=int, default=None,
                    help="each layer's FFN width a multiple of this (or the layer's full size); 1: any width")
     p.add_argument("--min_steps", type=int, default=None, help="the rule does not fire before this step")
-    p.add_argument("--window", type=int, default=5, help="masks compared (FIFO)")
-    p.add_argument("--epsilon", type=float, default=0.1, help="largest distance that counts as stable")
+    p.add_argument("--window", type=int, default=None, help="masks compared (FIFO; default 5)")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="largest distance that counts as stable (default 0.1)")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at RUN/gates/")
     a = p.parse_args(argv)
-    if a.prune_heads is not None and a.prune_heads < 0:
-        p.error(f"--prune_heads {a.prune_heads}: must be >= 0")
-    if a.prune_ffn is not None and not 0.0 <= a.prune_ffn < 1.0:
-        p.error(f"--prune_ffn {a.prune_ffn}: must be in [0, 1)")
-    if a.ffn_multiple is not None and a.ffn_multiple < 1:
-        p.error(f"--ffn_multiple {a.ffn_multiple}: must be >= 1")
-    if a.window < 2:
-        p.error(f"--window {a.window}: must be at least 2")
-    if not 0.0 < a.epsilon <= 1.0:
-        p.error(f"--epsilon {a.epsilon}: must be in (0, 1]")
+    try:  # the same checks as the trainer's flags, on the flags given
+        with_flags(SearchRecord(SearchSettings(), [], []), a)
+    except UserError as e:
+        p.error(str(e))
     return a
 
 
+def with_flags(search: SearchRecord, a: argparse.Namespace) -> SearchRecord:
+    """RUN/search.json's settings with the monitor's flags over them, checked."""
+    given = {field: getattr(a, flag) for flag, field in OVERRIDES.items() if getattr(a, flag) is not None}
+    settings = dataclasses.replace(search.settings, **given)
+    settings.check()
+    settings.check_model(search.heads)
+    return SearchRecord(settings, search.heads, search.ffn)
+
+
 class Monitor:
-    def __init__(self, a: argparse.Namespace, run: RunDir, search: dict):
-        self.run, self.heads_n, self.ffn_n = run, search["heads"], search["ffn"]
-        self.prune_heads = a.prune_heads if a.prune_heads is not None else search.get("prune_heads")
-        self.prune_ffn = a.prune_ffn if a.prune_ffn is not None else search.get("prune_ffn", 0.3)
-        self.ffn_multiple = a.ffn_multiple if a.ffn_multiple is not None else search.get("ffn_multiple", 1)
-        min_steps = a.min_steps if a.min_steps is not None else search.get("min_steps", 100)
+    def __init__(self, run: RunDir, search: SearchRecord):
+        s = search.settings
+        self.run, self.heads_n, self.ffn_n = run, search.heads, search.ffn
+        self.prune_heads, self.prune_ffn, self.ffn_multiple = s.prune_heads, s.prune_ffn, s.ffn_multiple
         # No fallback here: at the maximum search length the trainer draws the ticket itself.
-        self.rule = EarlyBirdRule(window=a.window, epsilon=a.epsilon, min_steps=min_steps, max_steps=None)
+        self.rule = EarlyBirdRule(window=s.window, epsilon=s.epsilon, min_steps=s.search_min_steps, max_steps=None)
         self.fingerprint = run.fingerprint()
         self.rows: list[dict] = []
         self.masks: list[tuple[int, list, list]] = []
@@ -78,27 +83,10 @@ class Monitor:
         self.wandb = None
         self.logged_step = -1
 
-    def check_flags(self) -> None:
-        k = self.prune_heads
-        if k is not None and any(k >= h for h in self.heads_n):
-            raise TicketError(f"--prune_heads {k}: the model has {min(self.heads_n)} heads in a layer; "
-                              "at least one must stay")
-        n = self.ffn_multiple
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise TicketError(f"{self.run.path / 'search.json'}: ffn_multiple {n!r} must be an integer >= 1")
-
-    def ticket_step(self) -> int | None:
-        if not self.run.ticket.exists():
-            return None
-        try:
-            return int(json.loads(self.run.ticket.read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # the trainer reports a broken ticket; the monitor only marks the step
-
     def process(self, step: int, path: Path) -> None:
-        heads_g, ffn_g = read_snapshot(path, len(self.heads_n))
+        heads_g, ffn_g = self.run.read_snapshot(path, len(self.heads_n))
         if [len(h) for h in heads_g] != self.heads_n or [len(f) for f in ffn_g] != self.ffn_n:
-            raise TicketError(f"{path}: gate shapes do not match the run's model")
+            raise UserError(f"{path}: gate shapes do not match the run's model")
         heads, ffn = draw_masks(heads_g, ffn_g, self.prune_heads, self.prune_ffn, self.ffn_multiple)
         reason, d = self.rule.update(step, heads, ffn)
         row = {"step": step,
@@ -114,7 +102,7 @@ class Monitor:
         if reason is not None and not self.run.ticket.exists():
             recent = [{"step": r["step"], "heads": r["heads_to_previous"], "ffn": r["ffn_to_previous"]}
                       for r in self.rows[-self.rule.window:]]
-            publish_ticket(self.run.ticket, ticket_record(step, reason, "monitor", self.fingerprint,
+            self.run.publish_ticket(ticket_record(step, reason, "monitor", self.fingerprint,
                                                           heads, ffn, recent))
             print(f"monitor: ticket at step {step}: {reason}", file=sys.stderr, flush=True)
 
@@ -191,7 +179,7 @@ class Monitor:
 
     # -- W&B: a run of its own in the trainer's group, so both show on one dashboard
     def start_wandb(self) -> None:
-        info = self.run.read_json("wandb.json")
+        info = self.run.read_wandb()
         mode = os.environ.get("WANDB_MODE") or (info or {}).get("mode")
         if info is None or mode == "disabled":
             return
@@ -235,41 +223,30 @@ class Monitor:
             self.wandb.finish()
 
 
-def left_search(run: RunDir) -> str | None:
-    if (run.path / "finished.json").exists():
-        return "the run is finished"
-    if run.pruned_ready():
-        return "the pruned model is written"
-    spec = run.read_json("run.json")
-    if spec is not None and not spec["model"].get("gates"):
-        return "the run does not search (--earlybird off)"
-    return None
-
-
+@exit_on_user_error
 def main(argv=None) -> int:
     a = parse_args(argv)
     run = RunDir(a.run_dir)
-    while (search := run.read_json("search.json")) is None or run.read_json("run.json") is None:
-        if (why := left_search(run)) is not None:
+    while (search := run.read_search()) is None or run.read_identity() is None:
+        if (why := run.left_search()) is not None:
             print(f"monitor: {run.path}: {why}; nothing to watch", file=sys.stderr)
             return 0
         time.sleep(a.poll)  # the trainer has not started its search yet
-    m = Monitor(a, run, search)
+    m = Monitor(run, with_flags(search, a))
     try:
-        m.check_flags()
         m.start_wandb()
         while True:
-            ticket = m.ticket_step()
+            ticket = run.ticket_step()
             seen = m.rows[-1]["step"] if m.rows else -1
-            new = [(s, p) for s, p in snapshot_paths(run.gates) if s > seen and (ticket is None or s <= ticket)]
+            new = [(s, p) for s, p in run.snapshot_paths() if s > seen and (ticket is None or s <= ticket)]
             for i, (step, path) in enumerate(new):
                 m.process(step, path)
                 if ticket is None and run.ticket.exists():  # drawn now: later snapshots do not count
                     new = new[:i + 1]
                     break
             if ticket is None:  # written once: only a missing ticket needs another look
-                ticket = m.ticket_step()
-            why = left_search(run) or (f"the ticket of step {ticket} is drawn" if ticket is not None else None)
+                ticket = run.ticket_step()
+            why = run.left_search() or (f"the ticket of step {ticket} is drawn" if ticket is not None else None)
             if new or why:
                 m.write_record(ticket)
                 m.log_wandb(m.rows[-len(new):] if new else [], ticket)
@@ -279,9 +256,6 @@ def main(argv=None) -> int:
                 print(f"monitor: {why}; stopping", file=sys.stderr, flush=True)
                 return 0
             time.sleep(a.poll)
-    except TicketError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
     finally:
         m.finish()
 

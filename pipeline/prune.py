@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .model import BertConfig, BertForMLM
+from .model import BertConfig, BertForMLM, LayerNames, is_gate
 
 
 def pruned_config(config: BertConfig, heads: list[np.ndarray], ffn: list[np.ndarray]) -> BertConfig:
@@ -34,29 +34,30 @@ def prune_state_dict(sd: dict[str, torch.Tensor], config: BertConfig, heads: lis
                      ffn: list[np.ndarray], fold_gates: bool = True) -> dict[str, torch.Tensor]:
     """The pruned model's weights (fp32). fold_gates=False drops the gates' values instead
     (for rewinding to weights taken before the search, whose gates are all 1)."""
-    out = {k: v.detach().float().clone() for k, v in sd.items() if not k.endswith("_gates")}
+    out = {k: v.detach().float().clone() for k, v in sd.items() if not is_gate(k)}
     hs = config.head_size
     for i in range(config.num_layers):
-        p = f"bert.encoder.layer.{i}."
+        n = LayerNames(i)
         keep_h = torch.from_numpy(np.asarray(heads[i], dtype=bool))
         keep_cols = keep_h.repeat_interleave(hs)
         keep_f = torch.from_numpy(np.asarray(ffn[i], dtype=bool))
-        o_w = out[p + "attention.output.dense.weight"]
-        f_w = out[p + "output.dense.weight"]
+        o_w = out[n.attention_out_weight]
+        f_w = out[n.ffn_out_weight]
         if fold_gates:
-            hg = sd.get(p + "attention.self.head_gates")
+            hg = sd.get(n.head_gates)
             if hg is not None:
                 o_w = o_w * hg.detach().float().repeat_interleave(hs)[None, :]
-            fg = sd.get(p + "intermediate.ffn_gates")
+            fg = sd.get(n.ffn_gates)
             if fg is not None:
                 f_w = f_w * fg.detach().float()[None, :]
-        for name in ("query", "key", "value"):
-            out[p + f"attention.self.{name}.weight"] = out[p + f"attention.self.{name}.weight"][keep_cols].clone()
-            out[p + f"attention.self.{name}.bias"] = out[p + f"attention.self.{name}.bias"][keep_cols].clone()
-        out[p + "attention.output.dense.weight"] = o_w[:, keep_cols].clone()
-        out[p + "intermediate.dense.weight"] = out[p + "intermediate.dense.weight"][keep_f].clone()
-        out[p + "intermediate.dense.bias"] = out[p + "intermediate.dense.bias"][keep_f].clone()
-        out[p + "output.dense.weight"] = f_w[:, keep_f].clone()
+        for x in ("query", "key", "value"):
+            for kind in ("weight", "bias"):
+                name = getattr(n, f"{x}_{kind}")
+                out[name] = out[name][keep_cols].clone()
+        out[n.attention_out_weight] = o_w[:, keep_cols].clone()
+        out[n.ffn_in_weight] = out[n.ffn_in_weight][keep_f].clone()
+        out[n.ffn_in_bias] = out[n.ffn_in_bias][keep_f].clone()
+        out[n.ffn_out_weight] = f_w[:, keep_f].clone()
     return out
 
 

@@ -7,21 +7,16 @@ as RUN/summary.json. slurm/pretrain.sh ends with it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from data_prep.files import atomic_write_json  # noqa: E402
-from pipeline.model import BertConfig, BertForMLM  # noqa: E402
-from pipeline.run_dir import RunDir  # noqa: E402
+from pipeline.errors import UserError, exit_on_user_error
+from pipeline.model import BertConfig, BertForMLM
+from pipeline.run_dir import RunDir
 
 
 def parameters(config: BertConfig) -> int:
@@ -30,23 +25,17 @@ def parameters(config: BertConfig) -> int:
 
 
 def summarise(run: RunDir) -> dict:
-    spec = run.read_json("run.json")
+    spec = run.read_identity()
     if spec is None:
-        raise SystemExit(f"error: {run.path}: no run.json (has the trainer started?)")
+        raise UserError(f"{run.path}: no run.json (has the trainer started?)")
     dense = BertConfig(**spec["model"])
-    rows = []
-    if run.metrics.exists():
-        for line in run.metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    rows = run.read_metrics()
     out = {"run_dir": str(run.path), "finished": run.finished_step(),
            "parameters_dense": parameters(dense), "heads_dense": dense.heads, "ffn_dense": dense.ffn}
     if run.pruned_ready():
-        info = json.loads((run.pruned / "trainer_state.json").read_text())
+        info = run.read_pruned_state()
         small = BertConfig.from_json(run.pruned / "config.json")
-        out.update(ticket_step=info["ticket_step"], ticket_taken_at=info["state"]["step"],
+        out.update(ticket_step=info["ticket_step"], ticket_taken_at=info["state"].step,
                    ticket_reason=info["reason"], ticket=info["ticket"], ticket_weights=info["weights"],
                    kept_heads=small.heads, ffn_width=small.ffn, parameters_pruned=parameters(small))
     times = {}
@@ -87,13 +76,14 @@ def render(s: dict) -> str:
     return "\n".join(lines)
 
 
+@exit_on_user_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run_dir", required=True, type=Path)
     a = p.parse_args(argv)
     run = RunDir(a.run_dir)
     s = summarise(run)
-    atomic_write_json(run.path / "summary.json", s)
+    run.write_summary(s)
     print(render(s))
     return 0
 

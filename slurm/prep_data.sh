@@ -7,12 +7,12 @@
 #
 # Each array task runs `python -m data_prep build FLAGS --task I/N`: it reads the inputs in their
 # fixed order and cleans and tokenizes the chunks whose index is I modulo N (the costly part),
-# saving them in DATA/.array/. The first task submits the merge job (this script again, with
-# PREP_DATA_MERGE=1) with a dependency on the whole array (afterok); the merge packs, shuffles
-# and shards the saved chunks and writes DATA/manifest.json. A failed task cancels the merge;
-# resubmitting the same command reuses every chunk already saved. With --vocab-size, every task
-# trains a vocabulary and all use the first one saved: give --tokenizer to avoid that cost (and
-# for byte-identity with a build elsewhere: see the README's "Tokenizer").
+# saving them in DATA/.array/ (data_prep/array.py). The first task submits the merge job (this
+# script again, with PREP_DATA_MERGE=1) with a dependency on the whole array (afterok); the merge
+# packs, shuffles and shards the saved chunks and writes DATA/manifest.json. A failed task cancels
+# the merge; resubmitting the same command reuses every chunk already saved. With --vocab-size,
+# every task trains a vocabulary and all use the first one saved: give --tokenizer to avoid that
+# cost (and for byte-identity with a build elsewhere: see the README's "Tokenizer").
 # DATA and this repository must be on a file system every node sees. Environment: PYTHON.
 #SBATCH --job-name=prep_data
 #SBATCH --array=0-7

@@ -41,7 +41,7 @@ if [[ "$in_slurm" -eq 1 ]]; then  # sbatch runs a copy from its spool: find the 
 fi
 if [[ -n "$script" && -f "$script" ]]; then
     ROOT="$(cd "$(dirname "$script")/.." && pwd)"
-elif [[ "$in_slurm" -eq 1 && -f "${SLURM_SUBMIT_DIR:-}/pipeline/train.py" ]]; then
+elif [[ "$in_slurm" -eq 1 && -f "${SLURM_SUBMIT_DIR:-}/pipeline/train.py" ]]; then  # a checkout there
     ROOT="$SLURM_SUBMIT_DIR"
 else
     ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -92,14 +92,14 @@ if [[ "$in_slurm" -eq 1 ]]; then
                          --rdzv_conf "is_host=$host" "$@"'
             "$PYTHON" --nnodes "$nodes" --nproc_per_node "$nproc"
             --rdzv_backend c10d --rdzv_endpoint "${first_addr:-$first}:$port" --rdzv_id "$SLURM_JOB_ID"
-            "$ROOT/pipeline/train.py")
+            -m pipeline.train)
     monitor_log="$log_dir/$SLURM_JOB_NAME-$SLURM_JOB_ID-monitor.log"
     log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $nproc process(es), rendezvous ${first_addr:-$first}:$port"
 elif [[ "$nproc" -ge 2 || -n "$(command -v nvidia-smi)" ]]; then
-    launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$ROOT/pipeline/train.py")
+    launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m pipeline.train)
     monitor_log=/dev/stderr
 else
-    launch=("$PYTHON" "$ROOT/pipeline/train.py")
+    launch=("$PYTHON" -m pipeline.train)
     monitor_log=/dev/stderr
 fi
 
@@ -126,9 +126,8 @@ rm -f "$run_dir/stop"  # a request a killed launch never saw
 
 rc=0
 for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
-    pruned_before=0
-    stage=search
-    if [[ -f "$run_dir/pruned/trainer_state.json" ]]; then pruned_before=1; stage=efficient; fi
+    stage="$("$PYTHON" -m pipeline.run_dir --stage "$run_dir")" || { rc=2; break; }
+    [[ "$stage" == new ]] && stage=search  # the log's name: this launch starts the search
     if [[ "$in_slurm" -eq 1 ]]; then
         "${launch[@]:0:1}" --output "$log_dir/$SLURM_JOB_NAME-$SLURM_JOB_ID-$stage.log" \
             "${launch[@]:1}" "$@" &
@@ -144,9 +143,9 @@ for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
     trainer=""
     [[ "$stop_asked" -eq 1 ]] && break
     # torchrun turns a worker's 76 into its own failure code, so the state of RUN decides too:
-    # a pruned model that appeared during this launch means "relaunch".
-    if [[ "$rc" -ne "$EXIT_RELAUNCH" ]] && ! [[ "$pruned_before" -eq 0 && -f "$run_dir/pruned/trainer_state.json" \
-            && ! -f "$run_dir/finished.json" ]]; then
+    # a search launch that left RUN at the efficient stage means "relaunch".
+    if [[ "$rc" -ne "$EXIT_RELAUNCH" ]] && ! [[ "$stage" == search \
+            && "$("$PYTHON" -m pipeline.run_dir --stage "$run_dir")" == efficient ]]; then
         break
     fi
     log "ticket drawn and pruned model written; relaunching on the reduced model"

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ROOT, run_cli, tree_bytes
 from data_prep.build import BuildArgs, build, is_validation
+from data_prep.events import Doc
 from data_prep.sources import iter_documents, parse_spec
 from data_prep.wikitext import WikiCleaner
 
@@ -25,13 +26,13 @@ def clean_documents(spec: str) -> list[tuple[str, str]]:
     """(key, cleaned text) of every document the reader yields, in order (pieces joined)."""
     docs, cleaners = [], {}
     for ev in iter_documents(parse_spec(spec)):
-        if ev[0] != "doc":
+        if not isinstance(ev, Doc):
             continue
-        _, key, text, first, last, wiki = ev
-        if wiki is not None:
-            text = cleaners.setdefault(wiki, WikiCleaner(set(wiki))).clean(text)
-        if first:
-            docs.append([key, text])
+        text = ev.text
+        if ev.wiki is not None:
+            text = cleaners.setdefault(ev.wiki, WikiCleaner(set(ev.wiki))).clean(text)
+        if ev.first:
+            docs.append([ev.key, text])
         else:
             docs[-1][1] += text
     return [tuple(d) for d in docs]

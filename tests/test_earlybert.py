@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, tree_bytes
-from test_train import ds_config, env, metrics, run_train, steps, train_cmd, validation_loss
+from helpers import ds_config, env, metrics, run_train, steps, train_args, train_cmd, validation_loss
+from pipeline.run_dir import RunDir, ticket_record
 
 
 def masked_gated_model(dense_config: dict, weights: dict, heads, ffn):
@@ -36,9 +38,9 @@ def test_ticket_to_pruned_model_under_zero(tmp_path, small_data, stage, ranks, t
     from pipeline.hf import load_pretrained
     cfg = ds_config(tmp_path, "cpu.json", zero_optimization={"stage": stage})
     run = tmp_path / "run"
-    r = run_train(train_cmd(ranks), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                  "--model", "bert-tiny", "--max_steps", 8, "--search_max_steps", 4, "--snapshot_every", 2,
-                  "--prune_heads", 1, "--l1", 1e-2, "--ticket", ticket, "--ticket_weights", weights)
+    r = run_train(train_cmd(ranks), *train_args(cfg, small_data, run, max_steps=8, search_max_steps=4,
+                                                snapshot_every=2, prune_heads=1, l1=1e-2, ticket=ticket,
+                                                ticket_weights=weights))
     # torchrun reports any non-zero worker exit as its own failure (1); slurm/pretrain.sh
     # therefore relaunches on the state of RUN, not only on the exit code.
     assert r.returncode == (76 if ranks == 1 else 1), r.stderr[-3000:]
@@ -92,11 +94,10 @@ def test_whole_loop_through_pretrain_sh(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
     run = tmp_path / "run"
     e = dict(env(), WANDB_MODE="offline", MONITOR_FLAGS="--epsilon 1.0 --poll 0.2", PYTHON=sys.executable)
-    r = subprocess.run(["bash", str(ROOT / "slurm" / "pretrain.sh"), "--deepspeed_config", str(cfg),
-                        "--data", str(small_data), "--run_dir", str(run), "--model", "bert-tiny",
-                        "--max_steps", "120", "--search_max_steps", "100", "--search_min_steps", "8",
-                        "--snapshot_every", "2", "--eval_every", "60", "--dropout", "0",
-                        "--wandb_project", "earlybert-test", "--wandb_mode", "offline"],
+    pretrain = ["bash", str(ROOT / "slurm" / "pretrain.sh")]
+    r = subprocess.run([*pretrain, *train_args(cfg, small_data, run, max_steps=120, search_max_steps=100,
+                                               search_min_steps=8, snapshot_every=2, eval_every=60, dropout=0,
+                                               wandb_project="earlybert-test", wandb_mode="offline")],
                        cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     # The monitor drew the ticket: 5 snapshots (2..10) within epsilon, at min_steps or later.
@@ -140,23 +141,19 @@ def test_whole_loop_through_pretrain_sh(tmp_path, small_data):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "EarlyBertForMaskedLM" and out.stdout.strip().endswith("1000) True")
     # Done: the same command returns at once.
-    again = subprocess.run(["bash", str(ROOT / "slurm" / "pretrain.sh"), "--deepspeed_config", str(cfg),
-                            "--data", str(small_data), "--run_dir", str(run), "--model", "bert-tiny",
-                            "--max_steps", "120"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*pretrain, *train_args(cfg, small_data, run, max_steps=120)],
+                           cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
 
 def test_trainer_refuses_bad_tickets_and_flags(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
     run = tmp_path / "run"
-    common = ["--deepspeed_config", cfg, "--data", small_data, "--run_dir", run, "--model", "bert-tiny",
-              "--prune_heads", 1, "--max_steps", 6, "--checkpoint_every", 2, "--snapshot_every", 2]
-    r = run_train(train_cmd(1), *common, "--max_time", 1)  # stops after the first step, checkpointed
+    common = dict(max_steps=6, prune_heads=1, checkpoint_every=2, snapshot_every=2)
+    # --max_time 1: stops after the first step, checkpointed
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, **common, max_time=1))
     assert r.returncode == 75, r.stderr[-2000:]
     # A ticket file beside the run's: from another run, malformed, or emptying a layer.
-    from pipeline.earlybird import ticket_record
-    from pipeline.run_dir import RunDir
-    import numpy as np
     fp = RunDir(run).fingerprint()
     h = [np.array([True, False])] * 2
     f = [np.ones(512, dtype=bool)] * 2
@@ -167,14 +164,13 @@ def test_trainer_refuses_bad_tickets_and_flags(tmp_path, small_data):
     for text, needle in tickets:
         (run / "ticket.json").write_text(text)
         before = tree_bytes(run)
-        r = run_train(train_cmd(1), *common)
+        r = run_train(train_cmd(1), *train_args(cfg, small_data, run, **common))
         assert r.returncode == 2 and needle in r.stderr and str(run / "ticket.json") in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
         assert tree_bytes(run) == before  # nothing in RUN lost or rewritten
     # Flags out of range: refused before RUN is created.
-    for flags, needle in ((["--prune_heads", 2], "--prune_heads 2"), (["--prune_ffn", 1.5], "--prune_ffn 1.5"),
-                          (["--prune_ffn", -0.1], "--prune_ffn")):
+    for flags, needle in (({"prune_heads": 2}, "--prune_heads 2"), ({"prune_ffn": 1.5}, "--prune_ffn 1.5"),
+                          ({"prune_ffn": -0.1}, "--prune_ffn")):
         fresh = tmp_path / "fresh"
-        r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", fresh,
-                      "--model", "bert-tiny", "--max_steps", 2, *flags)
+        r = run_train(train_cmd(1), *train_args(cfg, small_data, fresh, max_steps=2, **flags))
         assert r.returncode == 2 and needle in r.stderr and not fresh.exists(), r.stderr[-1000:]

@@ -8,7 +8,9 @@ import torch
 from data_prep.reader import MaskingCollator, PackedDataset
 from pipeline.mfu import datasheet_peak, peak_flops
 from pipeline.model import BertConfig, BertForMLM, cu_seqlens
-from pipeline.train import BadInput, resolve_ffn_multiple
+from pipeline.errors import UserError
+from pipeline.settings import SearchSettings
+from pipeline.stage import resolve_ffn_multiple
 
 
 @pytest.mark.parametrize("name,dtype,tflops", [
@@ -65,8 +67,10 @@ def test_flops_and_precomputed_positions():
 def test_a_resumed_search_keeps_its_ffn_multiple():
     assert resolve_ffn_multiple(None, None) == 64
     assert resolve_ffn_multiple(8, None) == 8
-    assert resolve_ffn_multiple(None, {"ffn_multiple": 16}) == 16
-    assert resolve_ffn_multiple(None, {}) == 1  # a search begun before the flag existed
-    assert resolve_ffn_multiple(16, {"ffn_multiple": 16}) == 16
-    with pytest.raises(BadInput, match="began with 1"):
-        resolve_ffn_multiple(64, {})
+    began = SearchSettings.from_record({"ffn_multiple": 16}, "search.json")
+    old = SearchSettings.from_record({}, "search.json")  # a search begun before the flag existed
+    assert resolve_ffn_multiple(None, began) == 16
+    assert resolve_ffn_multiple(None, old) == 1
+    assert resolve_ffn_multiple(16, began) == 16
+    with pytest.raises(UserError, match="began with 1"):
+        resolve_ffn_multiple(64, old)

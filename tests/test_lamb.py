@@ -2,7 +2,6 @@
 state_dict, make_optimizer, and the shipped LAMB config through DeepSpeed (real per-parameter
 tensors reach the optimizer)."""
 
-import copy
 import io
 import json
 import math

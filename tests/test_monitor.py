@@ -2,7 +2,6 @@
 restart after kill -9, bad input; ticket files; random tickets; the W&B dashboard view."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli, tree_bytes
-from pipeline.earlybird import (TicketError, publish_ticket, random_masks, read_ticket, ticket_record,
-                                write_snapshot)
-from pipeline.run_dir import RunDir
+from pipeline.earlybird import random_masks
+from pipeline.errors import UserError
+from pipeline.run_dir import RunDir, ticket_record
 
 HEADS, FFN = [12, 12, 12], [64, 64, 64]
 
@@ -41,7 +40,7 @@ def add_snapshots(path: Path, steps) -> None:
     for s in steps:
         rng = np.random.default_rng(s)
         amp = 1.5 * np.exp(-s / 25)
-        write_snapshot(path / "gates", s, [h + amp * rng.normal(size=len(h)) for h in heads0],
+        RunDir(path).write_snapshot(s, [h + amp * rng.normal(size=len(h)) for h in heads0],
                        [f + amp * rng.normal(size=len(f)) for f in ffn0])
 
 
@@ -64,7 +63,7 @@ def test_monitor_draws_the_ticket_and_a_restart_agrees(tmp_path):
     assert rows[1]["heads_to_previous"] > 0.1  # the early masks do move
     for name in ("pairwise_heads", "pairwise_ffn", "distance_to_previous", "ticket_shape", "gate_histograms"):
         assert (ref.earlybird / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    read_ticket(ref.ticket, ref.fingerprint(), HEADS, FFN)  # what the trainer accepts
+    ref.read_ticket(HEADS, FFN)  # what the trainer accepts
     # W&B (offline): a run of its own, id tied to the trainer's, with the heat maps as images.
     [wb] = list((ref.earlybird / "wandb").glob("offline-run-*-abc123-earlybird"))
     assert list(wb.glob("files/media/images/earlybird/pairwise_heads*.png"))
@@ -111,7 +110,7 @@ def test_monitor_ffn_multiple_from_search_json_and_flag(tmp_path):
     assert all(w % 16 == 0 for w in t["ffn_width"]) and sum(t["ffn_width"]) == 128
     rows = [json.loads(x) for x in (run.earlybird / "distances.jsonl").read_text().splitlines()]
     assert all(w % 16 == 0 for x in rows for w in x["ffn_width"])
-    read_ticket(run.ticket, run.fingerprint(), HEADS, FFN)
+    run.read_ticket(HEADS, FFN)
     # The flag overrides search.json (here 32 over its 16); without either it is 1 (tested above).
     run2 = make_run(tmp_path / "run2", range(10, 310, 10))
     (run2.path / "search.json").write_text(json.dumps({**search, "ffn_multiple": 16}))
@@ -151,10 +150,10 @@ def test_ticket_files(tmp_path):
     fp = run.fingerprint()
     heads = [np.array([1] * 8 + [0] * 4, dtype=bool)] * 3
     ffn = [np.ones(64, dtype=bool)] * 3
-    first = publish_ticket(run.ticket, ticket_record(10, "early-bird", "monitor", fp, heads, ffn, []))
-    second = publish_ticket(run.ticket, ticket_record(20, "fallback", "trainer", fp, heads, ffn, []))
+    first = run.publish_ticket(ticket_record(10, "early-bird", "monitor", fp, heads, ffn, []))
+    second = run.publish_ticket(ticket_record(20, "fallback", "trainer", fp, heads, ffn, []))
     assert first == second and second["step"] == 10  # the first ticket in place wins
-    assert read_ticket(run.ticket, fp, HEADS, FFN)["heads"][0].sum() == 8
+    assert run.read_ticket(HEADS, FFN)["heads"][0].sum() == 8
     cases = [("{not json", "not a valid ticket"),
              (json.dumps({**first, "run": "0123456789abcdef"}), "another run"),
              (json.dumps({**first, "heads": [[0] * 12] + first["heads"][1:]}), "every head of layer 0"),
@@ -162,8 +161,8 @@ def test_ticket_files(tmp_path):
              (json.dumps({k: v for k, v in first.items() if k != "reason"}), "not a valid ticket")]
     for text, needle in cases:
         run.ticket.write_text(text)
-        with pytest.raises(TicketError, match=needle) as e:
-            read_ticket(run.ticket, fp, HEADS, FFN)
+        with pytest.raises(UserError, match=needle) as e:
+            run.read_ticket(HEADS, FFN)
         assert str(run.ticket) in str(e.value)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tree_bytes
+from helpers import ds_config, pretrain_env, steps, train_args
 from slurm_cluster import SlurmCluster
-from test_train import ds_config, steps
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting Slurm needs root")
 
@@ -24,22 +24,21 @@ def slurm(tmp_path_factory):
 
 def submit(slurm, tmp_path: Path, *train_flags, extra_env=None) -> str:
     """sbatch with the script's GPU-node defaults overridden for this CPU-only node."""
-    env = dict(slurm.env, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"), WANDB_MODE="disabled",
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
+    env = pretrain_env(slurm.env, tmp_path / "logs", **(extra_env or {}))
     r = slurm.cmd(["sbatch", "--parsable", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
                    "--mem=0", f"--output={tmp_path}/%x-%j.out", str(ROOT / "slurm" / "pretrain.sh"),
                    *map(str, train_flags)], cwd=tmp_path, env=env)
     return r.stdout.strip().split(";")[0]
 
 
-def flags(tmp_path, data, run, max_steps, *more):
-    return ["--deepspeed_config", ds_config(tmp_path, "cpu.json"), "--data", data, "--run_dir", run,
-            "--model", "bert-tiny", "--max_steps", max_steps, "--snapshot_every", 2, "--eval_every", 0, *more]
+def flags(tmp_path, data, run, max_steps, **more):
+    return train_args(ds_config(tmp_path, "cpu.json"), data, run, max_steps=max_steps, snapshot_every=2,
+                      eval_every=0, **more)
 
 
 def test_sbatch_pretrain_whole_loop(slurm, tmp_path, small_data):
     run = tmp_path / "run"
-    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, run, 40, "--search_max_steps", 16))
+    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, run, 40, search_max_steps=16))
     result = slurm.wait(job, timeout=400)
     out = (tmp_path / f"earlybert-{job}.out").read_text()
     assert result == "COMPLETED" and result.returncode == 0, out[-3000:]
@@ -54,8 +53,8 @@ def test_sbatch_pretrain_whole_loop(slurm, tmp_path, small_data):
 
 def test_preemption_requeues_and_every_step_counts_once(slurm, tmp_path, small_data):
     run = tmp_path / "run"
-    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, run, 400, "--search_max_steps", 200,
-                                         "--checkpoint_every", 1000))
+    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, run, 400, search_max_steps=200,
+                                         checkpoint_every=1000))
 
     def wait_steps(n, timeout=240):
         deadline = time.time() + timeout
@@ -81,7 +80,7 @@ def test_preemption_requeues_and_every_step_counts_once(slurm, tmp_path, small_d
 
 def test_bad_argument_fails_fast(slurm, tmp_path, small_data):
     t0 = time.time()
-    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, tmp_path / "run", 10, "--prune_ffn", 2))
+    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, tmp_path / "run", 10, prune_ffn=2))
     result = slurm.wait(job, timeout=180)
     assert result == "FAILED" and time.time() - t0 < 120
     log = (tmp_path / "logs" / f"earlybert-{job}-search.log").read_text()
@@ -90,7 +89,6 @@ def test_bad_argument_fails_fast(slurm, tmp_path, small_data):
 
 
 def test_prep_data_array_equals_one_machine_build(slurm, tmp_path, wiki_dump):
-    from conftest import tree_bytes
     from data_prep.build import BuildArgs, build
     # A given vocabulary (bert-base-uncased, the default): a WordPiece vocabulary trained in two
     # processes can differ where token counts tie (see data_prep/tokenizer.py).

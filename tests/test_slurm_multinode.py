@@ -1,35 +1,31 @@
 """A 2-node Slurm job on this one machine: two slurmd in their own network namespaces joined by
-veth links (slurm_cluster.NetnsSlurmCluster), one rank per node training over gloo, and the same
+veth links (slurm_netns.NetnsSlurmCluster), one rank per node training over gloo, and the same
 losses as one node with two ranks on the same data."""
 import os
-import sys
 
 import pytest
 
 from conftest import ROOT
-from slurm_cluster import NetnsSlurmCluster
-from test_train import ds_config, run_train, steps, train_cmd
+from helpers import ds_config, pretrain_env, run_train, steps, train_args, train_cmd
+from slurm_netns import NetnsSlurmCluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and Slurm need root")
 
 
 def test_two_nodes_train_together(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
-    common = ["--deepspeed_config", cfg, "--data", small_data, "--model", "bert-tiny", "--max_steps", 8,
-              "--dropout", 0, "--eval_every", 0, "--checkpoint_every", 4]
+    common = dict(max_steps=8, dropout=0, eval_every=0, checkpoint_every=4, earlybird="off")
     ref = tmp_path / "one_node"
-    r = run_train(train_cmd(2), *common, "--run_dir", ref, "--earlybird", "off")
+    r = run_train(train_cmd(2), *train_args(cfg, small_data, ref, **common))
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "two_nodes"
     with NetnsSlurmCluster(tmp_path / "slurm") as cluster:
         # Inside a namespace the host name resolves to the namespace's own loopback: gloo must
         # use the veth interface (what a cluster sets to its fabric's interface).
-        env = dict(cluster.env, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"), WANDB_MODE="disabled",
-                   HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), NPROC="1",
-                   GLOO_SOCKET_IFNAME="eth0")
+        env = pretrain_env(cluster.env, tmp_path / "logs", NPROC="1", GLOO_SOCKET_IFNAME="eth0")
         job = cluster.cmd(["sbatch", "--parsable", "-N", "2", "--gpus-per-node=0", "--cpus-per-task=1",
                            "--mem=0", f"--output={tmp_path}/%x-%j.out", str(ROOT / "slurm" / "pretrain.sh"),
-                           *map(str, common), "--run_dir", str(run), "--earlybird", "off"],
+                           *train_args(cfg, small_data, run, **common)],
                           cwd=tmp_path, env=env).stdout.strip()
         result = cluster.wait(job, timeout=600)
         out = (tmp_path / f"earlybert-{job}.out").read_text()

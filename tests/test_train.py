@@ -4,73 +4,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT
 from data_prep.build import BuildArgs, build
-
-TRAIN = str(ROOT / "pipeline" / "train.py")
-
-
-def ds_config(tmp_path: Path, base: str, **changes) -> Path:
-    cfg = json.loads((ROOT / "ds_configs" / base).read_text())
-    cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
-    cfg["scheduler"]["params"]["warmup_num_steps"] = 3
-    cfg["optimizer"]["params"]["lr"] = cfg["scheduler"]["params"]["warmup_max_lr"] = 1e-3
-    for k, v in changes.items():
-        cfg[k] = v
-    path = tmp_path / f"ds_{base}"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def train_cmd(ranks: int, launcher: str = "torchrun") -> list[str]:
-    if ranks == 1:
-        return [sys.executable, TRAIN]
-    if launcher == "deepspeed":
-        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-                "--master_port", str(29500 + os.getpid() % 1000), TRAIN]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-            "--master_port", str(29500 + os.getpid() % 1000), TRAIN]
-
-
-def env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-
-
-def run_train(cmd, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def steps(run: Path) -> list[dict]:
-    return [r for r in metrics(run) if "loss" in r]
-
-
-def validation_loss(model_dir: Path, data: Path, micro: int = 4) -> float:
-    """The trainer's validation loss, recomputed in fp32 from an exported model."""
-    from data_prep.reader import MaskingCollator, PackedDataset
-    from pipeline.hf import load_pretrained
-    m = json.loads((data / "manifest.json").read_text())
-    model = load_pretrained(model_dir).eval()
-    val = PackedDataset(data, "validation")
-    collate = MaskingCollator(m["vocab_size"], m["special_tokens"])
-    total = count = 0.0
-    with torch.no_grad():
-        for s in range(0, len(val), micro):
-            b = collate(*val.batch(range(s, min(s + micro, len(val)))), torch.Generator().manual_seed(s))
-            loss, n, _ = model(b["input_ids"], segment_ids=b["segment_ids"], labels=b["labels"])
-            total, count = total + loss.item() * n, count + n
-    return total / count
+from helpers import ds_config, env, metrics, run_train, steps, train_args, train_cmd, validation_loss
 
 
 @pytest.mark.parametrize("stage,ranks", [(0, 2), (1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)])
@@ -82,9 +23,8 @@ def test_zero_stages_bf16(tmp_path, small_data, stage, ranks):
         cfg.write_text(json.dumps(c))
     run = tmp_path / "run"
     launcher = "deepspeed" if (stage, ranks) == (2, 2) else "torchrun"
-    r = run_train(train_cmd(ranks, launcher), "--deepspeed_config", cfg, "--data", small_data,
-                  "--run_dir", run, "--model", "bert-tiny", "--max_steps", 6, "--eval_every", 3,
-                  "--checkpoint_every", 3)
+    r = run_train(train_cmd(ranks, launcher),
+                  *train_args(cfg, small_data, run, max_steps=6, eval_every=3, checkpoint_every=3))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = steps(run)
     assert [x["step"] for x in rows] == [1, 2, 3, 4, 5, 6]
@@ -101,20 +41,18 @@ def test_zero_stages_bf16(tmp_path, small_data, stage, ranks):
     tok = AutoTokenizer.from_pretrained(str(run / "final"))
     out = hf(**tok(["the history of the world"], return_tensors="pt")).logits
     assert torch.isfinite(out).all() and out.shape[-1] == 1000
-    again = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                      "--model", "bert-tiny", "--max_steps", 6)
+    again = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=6))
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
 
 def test_exact_resume_after_kill_two_ranks_zero2(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json", train_micro_batch_size_per_gpu=16)
-    args = ["--deepspeed_config", cfg, "--data", small_data, "--model", "bert-tiny",
-            "--max_steps", 24, "--dropout", 0, "--checkpoint_every", 4, "--eval_every", 0]
+    common = dict(max_steps=24, dropout=0, checkpoint_every=4, eval_every=0)
     ref = tmp_path / "ref"
-    r = run_train(train_cmd(2), *args, "--run_dir", ref)
+    r = run_train(train_cmd(2), *train_args(cfg, small_data, ref, **common))
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "killed"
-    p = subprocess.Popen([*train_cmd(2), *map(str, args), "--run_dir", str(run)], cwd=ROOT, env=env(),
+    p = subprocess.Popen([*train_cmd(2), *train_args(cfg, small_data, run, **common)], cwd=ROOT, env=env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -128,7 +66,7 @@ def test_exact_resume_after_kill_two_ranks_zero2(tmp_path, small_data):
     p.wait()
     time.sleep(0.5)
     assert 10 <= len(steps(run)) < 24 and not (run / "finished.json").exists()
-    r = run_train(train_cmd(2), *args, "--run_dir", run)
+    r = run_train(train_cmd(2), *train_args(cfg, small_data, run, **common))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step-00000" in r.stderr
     a, b = steps(ref), steps(run)
@@ -141,8 +79,7 @@ def test_exact_resume_after_kill_two_ranks_zero2(tmp_path, small_data):
 def test_sigterm_checkpoints_and_exits_75(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
     run = tmp_path / "run"
-    args = [*train_cmd(1), "--deepspeed_config", str(cfg), "--data", str(small_data), "--run_dir",
-            str(run), "--model", "bert-tiny", "--max_steps", "400", "--checkpoint_every", "1000"]
+    args = [*train_cmd(1), *train_args(cfg, small_data, run, max_steps=400, checkpoint_every=1000)]
     p = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True)
     while not (run / "metrics.jsonl").exists() or len(steps(run)) < 3:
@@ -153,19 +90,17 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, small_data):
     assert p.returncode == 75, err[-2000:]
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == steps(run)[-1]["step"] >= 3
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                  "--model", "bert-tiny", "--max_steps", latest["step"] + 2)
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=latest["step"] + 2))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [x["step"] for x in steps(run)] == list(range(1, latest["step"] + 3))
     # RUN/stop (how slurm/pretrain.sh relays Slurm's warning across nodes): one more step, then 75.
     (run / "stop").write_text("")
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                  "--model", "bert-tiny", "--max_steps", 400)
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=400))
     assert r.returncode == 75 and "stop request" in r.stderr and not (run / "stop").exists()
     assert steps(run)[-1]["step"] == latest["step"] + 3
     # --max_time: stops with a checkpoint before the budget runs out.
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir",
-                  tmp_path / "timed", "--model", "bert-tiny", "--max_steps", 10000, "--max_time", 20)
+    r = run_train(train_cmd(1),
+                  *train_args(cfg, small_data, tmp_path / "timed", max_steps=10000, max_time=20))
     assert r.returncode == 75 and (tmp_path / "timed" / "checkpoints" / "latest.json").exists()
 
 
@@ -176,8 +111,8 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, small_data):
     c["scheduler"]["params"]["warmup_num_steps"] = 1
     cfg.write_text(json.dumps(c))
     run = tmp_path / "run"
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                  "--model", "bert-tiny", "--max_steps", 50, "--checkpoint_every", 1000, "--earlybird", "off")
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=50, checkpoint_every=1000,
+                                            earlybird="off"))
     assert r.returncode == 3, r.stderr[-2000:]
     assert "the loss is" in r.stderr and "at step" in r.stderr
     bad = metrics(run)[-1]
@@ -197,18 +132,17 @@ def test_init_from_real_bert(tmp_path, bert_vocab):
     (text / "a.txt").write_text("The history of the world is long. " * 400)
     build(BuildArgs(out=data, sources=[f"text:{text}"], workers=1, val_fraction=0.0))
     cfg = ds_config(tmp_path, "cpu.json")
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", data, "--run_dir", tmp_path / "run",
-                  "--model", "bert-base", "--init_from", bert_vocab.parent, "--max_steps", 2)
+    r = run_train(train_cmd(1), *train_args(cfg, data, tmp_path / "run", model="bert-base",
+                                            init_from=bert_vocab.parent, max_steps=2))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["num_hidden_layers"] == 6
 
 
 # ------------------------------------------------------------------ bad input
 
-def bad(tmp_path, small_data, *extra, data=None, cfg=None, run=None):
-    run = run or tmp_path / "run"
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg or ds_config(tmp_path, "cpu.json"), "--data",
-                  data or small_data, "--run_dir", run, "--model", "bert-tiny", "--max_steps", 2, *extra)
+def bad(tmp_path, small_data, data=None, cfg=None):
+    r = run_train(train_cmd(1), *train_args(cfg or ds_config(tmp_path, "cpu.json"), data or small_data,
+                                            tmp_path / "run", max_steps=2))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     return r
@@ -232,12 +166,11 @@ def test_data_that_does_not_fit_the_model(tmp_path, small_data, bert_vocab):
     cfg = tmp_path / "short.json"
     cfg.write_text(json.dumps({"vocab_size": 1000, "hidden_size": 64, "heads": [2, 2], "ffn": [128, 96],
                                "head_size": 32, "max_position_embeddings": 32}))
-    r = run_train(train_cmd(1), "--deepspeed_config", ds_config(tmp_path, "cpu.json"), "--data", small_data,
-                  "--run_dir", tmp_path / "run", "--model", cfg, "--max_steps", 2)
+    r = run_train(train_cmd(1), *train_args(ds_config(tmp_path, "cpu.json"), small_data, tmp_path / "run",
+                                            model=cfg, max_steps=2))
     assert r.returncode == 2 and "seq_len 64" in r.stderr and not (tmp_path / "run").exists()
-    r = run_train(train_cmd(1), "--deepspeed_config", ds_config(tmp_path, "cpu.json"), "--data", small_data,
-                  "--run_dir", tmp_path / "run", "--model", "bert-base", "--init_from", bert_vocab.parent,
-                  "--max_steps", 2)
+    r = run_train(train_cmd(1), *train_args(ds_config(tmp_path, "cpu.json"), small_data, tmp_path / "run",
+                                            model="bert-base", init_from=bert_vocab.parent, max_steps=2))
     assert r.returncode == 2 and "vocabulary" in r.stderr and not (tmp_path / "run").exists()
 
 
@@ -254,12 +187,10 @@ def test_invalid_deepspeed_config(tmp_path, small_data):
 def test_run_dir_of_another_model(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
     run = tmp_path / "run"
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                  "--model", "bert-tiny", "--max_steps", 1)
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=1))
     assert r.returncode == 0
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    r = run_train(train_cmd(1), "--deepspeed_config", cfg, "--data", small_data, "--run_dir", run,
-                  "--model", "bert-mini", "--max_steps", 3)
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, model="bert-mini", max_steps=3))
     assert r.returncode == 2 and "different run" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
@@ -267,12 +198,11 @@ def test_run_dir_of_another_model(tmp_path, small_data):
 def test_wandb_offline_run_id_survives_a_resume(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
     run = tmp_path / "run"
-    common = ["--deepspeed_config", cfg, "--data", small_data, "--run_dir", run, "--model", "bert-tiny",
-              "--wandb_project", "earlybert-test", "--wandb_mode", "offline"]
-    r = run_train(train_cmd(1), *common, "--max_steps", 2)
+    common = dict(wandb_project="earlybert-test", wandb_mode="offline")
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=2, **common))
     assert r.returncode == 0, r.stderr[-2000:]
     run_id = json.loads((run / "wandb.json").read_text())["id"]
-    r = run_train(train_cmd(1), *common, "--max_steps", 4)
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=4, **common))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / "wandb.json").read_text())["id"] == run_id
     offline = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -39,7 +39,7 @@ def env() -> dict:
 
 
 def train_args(cfg: Path, data: Path, run: Path, *extra) -> list[str]:
-    return [sys.executable, str(ROOT / "pipeline" / "train.py"), "--deepspeed_config", str(cfg),
+    return [sys.executable, "-m", "pipeline.train", "--deepspeed_config", str(cfg),
             "--data", str(data), "--run_dir", str(run), "--model", "bert-mini", "--eval_sequences", "64",
             *map(str, extra)]
 

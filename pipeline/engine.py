@@ -1,0 +1,151 @@
+"""Setting a launch up without writing to RUN: the process group, the DeepSpeed config, the data
+check, the model and the DeepSpeed engine; and reading full fp32 weights back out of the engine."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from data_prep.manifest import load_manifest, verify
+from pipeline.errors import UserError
+from pipeline.hf import load_pretrained
+from pipeline.model import PRESETS, BertConfig, BertForMLM, LayerNames, is_gate
+from pipeline.optim import make_optimizer
+from pipeline.settings import SearchSettings, TrainSettings
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:  # plain `python -m pipeline.train`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if cuda:  # before the process group: NCCL binds each rank to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return rank, world, device
+
+
+def load_ds_config(path: Path, max_steps: int, world: int) -> dict:
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON DeepSpeed config ({e})")
+    if not isinstance(cfg, dict) or "train_micro_batch_size_per_gpu" not in cfg:
+        raise UserError(f"{path}: a DeepSpeed config needs train_micro_batch_size_per_gpu")
+    sched = cfg.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps") == "auto":
+        sched["total_num_steps"] = max_steps
+    cfg.setdefault("gradient_accumulation_steps", 1)
+    cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
+    return cfg
+
+
+def training_dtype(ds_cfg: dict) -> torch.dtype:
+    """What the matmuls run in: DeepSpeed's bf16/fp16 sections, or torch autocast, else fp32."""
+    if ds_cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    autocast = ds_cfg.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return torch.float16 if autocast.get("dtype") in ("float16", "fp16") else torch.bfloat16
+    return torch.float32
+
+
+def check_data(data: Path, rank: int) -> dict:
+    """DATA's manifest, after every rank checked the shards' shapes (rank 0 also their hashes)."""
+    manifest = load_manifest(data)
+    problems = verify(data, checksums=rank == 0)
+    if problems:
+        raise UserError(f"{data}: " + "; ".join(problems[:5]))
+    if manifest["splits"]["train"]["num_sequences"] == 0:
+        raise UserError(f"{data}: the train split is empty")
+    return manifest
+
+
+def build_model(s: TrainSettings, search: SearchSettings, manifest: dict) -> BertForMLM:
+    """The dense model (gated when searching): a preset, a JSON config or --init_from's weights."""
+    over = {**s.dropout_overrides(), "gates": s.earlybird == "on"}
+    try:
+        if s.init_from is not None:
+            model = load_pretrained(s.init_from, **over)
+        elif s.model in PRESETS:
+            model = BertForMLM(BertConfig.preset(s.model, vocab_size=manifest["vocab_size"], **over))
+        elif s.model.endswith(".json"):
+            model = BertForMLM(BertConfig.from_json(s.model, **over))
+        else:
+            raise UserError(f"--model {s.model}: not a preset ({', '.join(PRESETS)}) nor a .json config")
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"model: {e}")
+    c = model.config
+    if c.vocab_size != manifest["vocab_size"]:
+        raise UserError(f"{s.data}/manifest.json: vocabulary of {manifest['vocab_size']} tokens, "
+                        f"the model's is {c.vocab_size}")
+    if manifest["seq_len"] > c.max_position_embeddings:
+        raise UserError(f"{s.data}/manifest.json: seq_len {manifest['seq_len']} exceeds the model's "
+                        f"{c.max_position_embeddings} positions")
+    if s.earlybird == "on":
+        search.check_model(c.heads)
+    return model
+
+
+def load_pruned(s: TrainSettings, directory: Path) -> BertForMLM:
+    return load_pretrained(directory, **s.dropout_overrides())
+
+
+def run_identity(s: TrainSettings, model: BertForMLM, manifest: dict, ds_cfg: dict) -> dict:
+    """RUN/run.json: what makes this run this run (a relaunch with anything else is refused)."""
+    return {"model": model.config.to_dict(), "data": str(s.data.resolve()),
+            "data_fingerprint": [manifest["splits"]["train"]["shards"][0]["sha256"], manifest["seq_len"]],
+            "micro_batch": ds_cfg["train_micro_batch_size_per_gpu"],
+            "gradient_accumulation": ds_cfg["gradient_accumulation_steps"], "seed": s.seed}
+
+
+def make_engine(model: BertForMLM, s: TrainSettings, ds_cfg: dict, device: torch.device):
+    """The DeepSpeed engine around the model: attention path, optimizer, torch.compile."""
+    try:
+        model.set_attention(s.attention)
+    except ValueError as e:
+        raise UserError(str(e))
+    try:
+        optimizer = make_optimizer(model, ds_cfg, device)
+    except ValueError as e:
+        raise UserError(f"{s.deepspeed_config}: {e}")
+    if s.compile:
+        if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise UserError(f"--compile: not with ZeRO-3 ({s.deepspeed_config}): its parameter "
+                            "gathering hooks break the compiled graph; use ZeRO-1 or 2")
+        model.compile()  # in place: parameter names, gates and state_dict stay as they are
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    except Exception as e:  # DeepSpeed raises assertion/validation/value errors for bad configs
+        raise UserError(f"{s.deepspeed_config}: DeepSpeed rejected the config ({type(e).__name__}: {e})")
+    return engine
+
+
+def full_weights(engine, gates_only: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 master weights gathered from every ZeRO partition (a collective: all ranks)."""
+    full = {}
+    for n, p in engine.module.named_parameters():
+        if gates_only and not is_gate(n):
+            continue
+        t = safe_get_full_fp32_param(p)
+        full[n] = (t if t is not None else p.detach()).float().cpu().clone()
+    return full
+
+
+def gate_values(engine) -> tuple[list, list]:
+    """|gate| arrays per layer, heads and FFN (a collective: all ranks)."""
+    g = full_weights(engine, gates_only=True)
+    layers = [LayerNames(i) for i in range(engine.module.config.num_layers)]
+    return [g[n.head_gates].numpy() for n in layers], [g[n.ffn_gates].numpy() for n in layers]

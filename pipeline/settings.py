@@ -1,0 +1,175 @@
+"""Every training and EarlyBERT search setting: typed, with its help text and its checks in one place.
+
+`TrainSettings` is what `python -m pipeline.train` takes; `SearchSettings` is the EarlyBERT search
+(gate L1, snapshots, the early-bird rule, the ticket and what the efficient stage does with it),
+shared by the trainer, the monitor (which reads it back from RUN/search.json) and fine-tuning.
+Each field's `help` is its documentation and its `--help` line; the flag is the field's name.
+Batch sizes, precision, optimizer, scheduler and ZeRO stage are DeepSpeed's: they live in the
+DeepSpeed config, not here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+DEFAULT_FFN_MULTIPLE = 64
+
+
+def setting(default=dataclasses.MISSING, help: str = "", **argparse_kw):
+    """A field with its documentation (`help`) and, where needed, argparse extras (choices)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def _at_least(name: str, value, low) -> None:
+    if value is not None and value < low:
+        raise UserError(f"--{name} {value}: must be at least {low}")
+
+
+def _fraction(name: str, value) -> None:
+    if value is not None and not 0.0 <= value < 1.0:
+        raise UserError(f"--{name} {value}: must be in [0, 1)")
+
+
+@dataclass
+class SearchSettings:
+    """The EarlyBERT search: what the trainer does while searching, the rule the monitor applies,
+    the ticket drawn from it and how the efficient stage starts (see shared/EARLYBERT.md)."""
+    l1: float = setting(1e-4, "L1 coefficient on |gate|")
+    snapshot_every: int = setting(10, "steps between gate snapshots (RUN/gates/)")
+    search_min_steps: int = setting(100, "the early-bird rule does not fire before this step")
+    search_max_steps: int = setting(400, "no ticket by then: the trainer draws it from its own gates")
+    prune_heads: int | None = setting(None, "heads dropped per layer (default 4 of 12, else a third)")
+    prune_ffn: float = setting(0.3, "fraction of FFN neurons dropped, globally")
+    ffn_multiple: int | None = setting(
+        None, f"keep every layer's FFN width a multiple of this (default {DEFAULT_FFN_MULTIPLE}; 1: the "
+              "paper's free widths, which on an H100 made a ticket slower than the dense model); a "
+              "resumed search keeps the value it began with")
+    window: int = setting(5, "the early-bird rule: masks compared (the newest and the ones before it)")
+    epsilon: float = setting(0.1, "the early-bird rule: the largest mask distance that counts as stable")
+    ticket: str = setting("rule", "random: a seeded random ticket of the rule's shape (a baseline)",
+                          choices=("rule", "random"))
+    ticket_weights: str = setting("carry", "carry: searched weights, gates folded; rewind: the weights "
+                                           "before the search", choices=("carry", "rewind"))
+    rewarmup_steps: int = setting(0, "efficient stage: ramp the LR up again over this many steps")
+
+    def check(self) -> None:
+        for name in ("snapshot_every", "search_max_steps", "ffn_multiple"):
+            _at_least(name, getattr(self, name), 1)
+        _fraction("prune_ffn", self.prune_ffn)
+        if self.prune_heads is not None and self.prune_heads < 0:
+            raise UserError(f"--prune_heads {self.prune_heads}: must be >= 0")
+        if self.l1 < 0:
+            raise UserError(f"--l1 {self.l1}: must be >= 0")
+        if self.window < 2:
+            raise UserError(f"--window {self.window}: must be at least 2")
+        if not 0.0 < self.epsilon <= 1.0:
+            raise UserError(f"--epsilon {self.epsilon}: must be in (0, 1]")
+        if isinstance(self.ffn_multiple, bool) or (self.ffn_multiple is not None
+                                                   and not isinstance(self.ffn_multiple, int)):
+            raise UserError(f"ffn_multiple {self.ffn_multiple!r} must be an integer >= 1")
+
+    def check_model(self, heads: list[int]) -> None:
+        """Against the model's heads per layer: at least one head must stay in every layer."""
+        if self.prune_heads is not None and any(self.prune_heads >= h for h in heads):
+            raise UserError(f"--prune_heads {self.prune_heads}: the model has {min(heads)} heads in a layer; "
+                            "at least one must stay")
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict, where: str) -> "SearchSettings":
+        """From RUN/search.json. A file written before a setting existed gets the value that
+        reproduces what that run did: ffn_multiple 1 (free widths), and the older names min_steps
+        and max_steps for the search's bounds."""
+        known = {f.name for f in fields(cls)}
+        legacy = {"min_steps": "search_min_steps", "max_steps": "search_max_steps"}
+        values = {legacy.get(k, k): v for k, v in record.items() if legacy.get(k, k) in known}
+        values.setdefault("ffn_multiple", 1)
+        try:
+            s = cls(**values)
+            s.check()
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        return s
+
+
+@dataclass
+class TrainSettings:
+    """`python -m pipeline.train`: where the data and the run are, what model, how long, and the
+    loop's intervals. The stage (search, efficient, dense) comes from RUN, not from here."""
+    data: Path = setting(help="a data_prep output directory")
+    run_dir: Path = setting(help="the run directory (RUN): the only state of a run")
+    model: str = setting(help="a preset (bert-tiny ... bert-large) or a JSON model config")
+    max_steps: int = setting(help="optimizer steps in all, both stages together")
+    deepspeed_config: Path = setting(help="the DeepSpeed JSON config (batch sizes, precision, optimizer, ZeRO)")
+    seed: int = setting(0, "seeds the model's initialisation, the data order and the masking")
+    dropout: float | None = setting(None, "hidden and attention dropout (default 0.1)")
+    attention_dropout: float | None = setting(None, "attention dropout alone (default: --dropout's, else 0.1)")
+    attention: str = setting("sdpa", "sdpa: block-diagonal mask (any device, dropout honoured); varlen: "
+                                     "variable-length flash attention on CUDA (torch's kernel needs "
+                                     "--attention_dropout 0)", choices=("sdpa", "varlen"))
+    compile: bool = setting(False, "torch.compile the model (not with ZeRO-3)")
+    prefetch: int = setting(4, "micro batches prepared ahead by the loader process")
+    checkpoint_every: int = setting(1000, "steps between checkpoints")
+    keep_checkpoints: int = setting(3, "checkpoints kept (the oldest go)")
+    eval_every: int = setting(1000, "steps between validations (0: only at the end)")
+    eval_sequences: int = setting(4096, "validation sequences per evaluation")
+    log_every: int = setting(1, "steps between metrics rows")
+    max_time: float | None = setting(None, "seconds: checkpoint and stop before this")
+    init_from: Path | None = setting(None, "a Hugging Face BERT checkpoint directory")
+    mlm_probability: float = setting(0.15, "fraction of tokens predicted")
+    whole_word_masking: bool = setting(False, "mask whole words (needs the data's tokenizer)")
+    wandb_project: str | None = setting(None, "W&B project (none: no W&B)")
+    wandb_group: str | None = setting(None, "W&B group (default earlybert-<run id>)")
+    wandb_entity: str | None = setting(None, "W&B entity (user or team; default your default entity)")
+    wandb_mode: str | None = setting(None, "W&B mode (default: $WANDB_MODE)",
+                                     choices=("online", "offline", "disabled"))
+    earlybird: str = setting("on", "on: search with gates, draw the ticket, train it; off: the dense model",
+                             choices=("on", "off"))
+
+    def check(self) -> None:
+        for name in ("max_steps", "checkpoint_every", "prefetch"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("dropout", "attention_dropout"):
+            _fraction(name, getattr(self, name))
+
+    def dropout_overrides(self) -> dict:
+        """The model config's dropout fields that these settings override."""
+        over = {} if self.dropout is None else {"dropout": self.dropout, "attention_dropout": self.dropout}
+        if self.attention_dropout is not None:
+            over["attention_dropout"] = self.attention_dropout
+        return over
+
+
+# ------------------------------------------------------------------ command lines from the classes
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                  skip: tuple[str, ...] = ()) -> None:
+    """One flag per field: --name, its type, default, choices and help."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kw = {k: v for k, v in f.metadata.items() if k != "help"}
+        kw["help"] = f.metadata.get("help", "")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", **kw)
+            continue
+        args = typing.get_args(kind)
+        kw["type"] = next(a for a in args if a is not type(None)) if args else kind
+        if f.default is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def from_namespace(cls: type, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})

@@ -1,0 +1,70 @@
+"""Where a run stands: which stage the next launch trains and what it starts from.
+
+`locate` only reads RUN; it runs before anything is written, so bad input leaves RUN untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from pipeline.errors import UserError
+from pipeline.run_dir import RunDir, TrainState
+from pipeline.settings import DEFAULT_FFN_MULTIPLE, SearchSettings, TrainSettings
+
+
+class Phase(StrEnum):
+    """What this launch trains (logged as each metrics row's `phase`)."""
+    SEARCH = "search"        # the gated dense model, L1 on the gates, until the ticket
+    EFFICIENT = "efficient"  # the pruned model from RUN/pruned/
+    DENSE = "dense"          # --earlybird off: the dense model, no gates
+
+
+@dataclass
+class Start:
+    """A launch's starting point."""
+    phase: Phase
+    search: SearchSettings    # with ffn_multiple resolved
+    checkpoint: dict | None   # RUN/checkpoints/latest.json of this phase's model, to resume from
+    pruned: dict | None       # RUN/pruned/trainer_state.json (efficient stage)
+
+    @property
+    def ticket_taken_at(self) -> int | None:
+        """The step the ticket was taken (the efficient stage's re-warm-up counts from it)."""
+        return None if self.pruned is None else self.pruned["state"].step
+
+    def initial_state(self) -> TrainState:
+        """Before any checkpoint: step 0, or where the search stopped for the efficient stage."""
+        return replace(self.pruned["state"]) if self.pruned is not None and self.checkpoint is None \
+            else TrainState()
+
+
+def resolve_ffn_multiple(flag: int | None, began: SearchSettings | None) -> int:
+    """A search keeps the FFN multiple it began with (RUN/search.json; one written before the flag
+    existed means 1), so a resumed run and a restarted monitor draw the same ticket."""
+    if began is None:
+        return DEFAULT_FFN_MULTIPLE if flag is None else flag
+    if flag is not None and flag != began.ffn_multiple:
+        raise UserError(f"--ffn_multiple {flag}: this run's search began with {began.ffn_multiple} "
+                        "(RUN/search.json); leave the flag out or use a new --run_dir")
+    return began.ffn_multiple
+
+
+def locate(run: RunDir, settings: TrainSettings, search: SearchSettings) -> Start:
+    """The phase from RUN (RUN/pruned/ ready: efficient; else search, or dense with --earlybird
+    off), the checkpoint of that phase to resume from, and the search settings in force."""
+    if settings.earlybird == "off":
+        phase = Phase.DENSE
+    else:
+        phase = Phase.EFFICIENT if run.pruned_ready() else Phase.SEARCH
+    began = run.read_search() if run.read_identity() is not None else None
+    search = replace(search, ffn_multiple=resolve_ffn_multiple(search.ffn_multiple,
+                                                               began.settings if began else None))
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None and phase == Phase.EFFICIENT and checkpoint.get("phase") != Phase.EFFICIENT:
+        checkpoint = None  # the dense model's checkpoint: the efficient stage starts from RUN/pruned
+    pruned = run.read_pruned_state() if phase == Phase.EFFICIENT else None
+    if phase == Phase.SEARCH and search.ticket_weights == "rewind" and checkpoint is not None \
+            and checkpoint["step"] > 0 and not run.init_weights.exists():
+        raise UserError(f"--ticket_weights rewind: {run.init_weights} is missing (the search began without "
+                        "this flag, so its starting weights were not kept)")
+    return Start(phase, search, checkpoint, pruned)
