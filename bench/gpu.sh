@@ -15,7 +15,7 @@
 # test or a benchmark failed.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" || exit 2
 PART="${1:-all}"
 OUT_DIR="${2:-bench/out/gpu}"
 PYTHON="${PYTHON:-python3}"

@@ -61,10 +61,10 @@ export GPU_IMAGE_HAS="einops msgpack ninja numpy packaging psutil py-cpuinfo tor
 # >= 4.16.0 (released 2026-07), so carry the venv's; a newer typing_extensions in front of an
 # older one on PYTHONPATH is harmless (it only adds names).
 export GPU_ALSO_CARRY="typing-extensions"
-PYENV='{"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+# shellcheck disable=SC2089,SC2090  # a JSON literal for Python, not words for the shell
+export PYENV='{"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
        "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
        "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}'
-export PYENV
 # Walks Requires-Dist (no extras) from the DeepSpeed wheel: each requirement the image lacks is
 # wanted at the version installed in the venv, and its wheel, once here, is walked in turn.
 # Prints "NAME==VERSION present|missing" lines; fails on a requirement neither the image nor the venv satisfies.
@@ -114,10 +114,10 @@ while todo:
 # Download what is missing, then walk again (a new wheel may bring requirements of its own).
 for round in 1 2 3 4 5 6 7 8; do
     walk=$("$PY" -c "$WALK" "$WHL" "$DS_WHEEL")
-    deps=$(awk '{ print $1 }' <<<"$walk")
-    need=($(awk '$2 == "missing" { print $1 }' <<<"$walk"))
+    mapfile -t deps < <(awk '{ print $1 }' <<<"$walk")
+    mapfile -t need < <(awk '$2 == "missing" { print $1 }' <<<"$walk")
     if [ ${#need[@]} -eq 0 ]; then
-        [ "$round" -gt 1 ] || echo "== dependencies: all wheels present ($(echo $deps)); not downloaded"
+        [ "$round" -gt 1 ] || echo "== dependencies: all wheels present (${deps[*]}); not downloaded"
         break
     fi
     [ "$round" -lt 8 ] || { echo "gpu_prepare: cannot settle the dependency set" >&2; exit 1; }
@@ -128,7 +128,7 @@ for round in 1 2 3 4 5 6 7 8; do
 done
 
 # Exactly one version of each, and nothing else: drop stale wheels.
-"$PY" - "$WHL" "deepspeed==$DS_VERSION" $deps <<'EOF'
+"$PY" - "$WHL" "deepspeed==$DS_VERSION" "${deps[@]}" <<'EOF'
 import sys
 from pathlib import Path
 from packaging.utils import canonicalize_name, parse_wheel_filename

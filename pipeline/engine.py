@@ -103,12 +103,17 @@ def load_pruned(s: TrainSettings, directory: Path) -> BertForMLM:
     return load_pretrained(directory, **s.dropout_overrides())
 
 
-def run_identity(s: TrainSettings, model: BertForMLM, manifest: dict, ds_cfg: dict) -> dict:
-    """RUN/run.json: what makes this run this run (a relaunch with anything else is refused)."""
-    return {"model": model.config.to_dict(), "data": str(s.data.resolve()),
-            "data_fingerprint": [manifest["splits"]["train"]["shards"][0]["sha256"], manifest["seq_len"]],
-            "micro_batch": ds_cfg["train_micro_batch_size_per_gpu"],
-            "gradient_accumulation": ds_cfg["gradient_accumulation_steps"], "seed": s.seed}
+def run_identity(s: TrainSettings, model: BertForMLM, manifest: dict, ds_cfg: dict,
+                 search: SearchSettings | None) -> dict:
+    """RUN/run.json: what makes this run this run (a relaunch with anything else is refused; see
+    pipeline.stage.check_identity). `search`: the EarlyBERT settings, None for a dense run."""
+    identity = {"model": model.config.to_dict(), "data": str(s.data.resolve()),
+                "data_fingerprint": [manifest["splits"]["train"]["shards"][0]["sha256"], manifest["seq_len"]],
+                "micro_batch": ds_cfg["train_micro_batch_size_per_gpu"],
+                "gradient_accumulation": ds_cfg["gradient_accumulation_steps"], "seed": s.seed}
+    if search is not None:
+        identity["search"] = search.to_record()
+    return identity
 
 
 def make_engine(model: BertForMLM, s: TrainSettings, ds_cfg: dict, device: torch.device):

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_prep.files import fsync_dir, fsync_tree
+
 from .model import TIED_DECODER, TIED_DECODER_BIAS, WORD_EMBEDDINGS, BertConfig, BertForMLM, is_gate
 from .prune import prune_state_dict
 
@@ -100,6 +102,13 @@ def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     for name, obj in (extra or {}).items():
         (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    fsync_tree(tmp)
+    # The previous OUT is moved aside, not deleted, until the new one is in place: a kill between
+    # the two renames leaves both complete copies on disk (OUT.old and OUT.tmp).
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.files import atomic_write_bytes, atomic_write_json
+from data_prep.files import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.settings import SearchSettings
 
@@ -65,6 +65,7 @@ class SearchRecord:
     settings: SearchSettings
     heads: list[int]
     ffn: list[int]
+    present: tuple[str, ...] = ()  # the settings the file held (an older one lacks some)
 
 
 class RunDir:
@@ -119,7 +120,9 @@ class RunDir:
         d = self._read(self.search_json)
         if d is None:
             return None
-        return SearchRecord(SearchSettings.from_record(d, str(self.search_json)), list(d["heads"]), list(d["ffn"]))
+        settings = SearchSettings.from_record(d, str(self.search_json))
+        present = tuple(k for k in settings.to_record() if k in SearchSettings.legacy_names(d))
+        return SearchRecord(settings, list(d["heads"]), list(d["ffn"]), present)
 
     def write_search(self, record: SearchRecord) -> None:
         atomic_write_json(self.search_json, {**record.settings.to_record(), "heads": record.heads,
@@ -178,19 +181,28 @@ class RunDir:
             raise UserError(f"{self.latest} points at {info['tag']}, which is missing")
         return info
 
-    def publish_checkpoint(self, tmp_tag: str, tag: str, step: int, keep: int, phase: str) -> None:
-        """Rank 0, after every rank has written tmp_tag: rename, point latest at it, prune."""
-        src, dst = self.checkpoints / tmp_tag, self.checkpoints / tag
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(src, dst)
-        atomic_write_json(self.latest, {"tag": tag, "step": step, "phase": phase})
-        tags = sorted(p.name for p in self.checkpoints.glob("step-*"))
-        for old in tags[:-keep]:
-            shutil.rmtree(self.checkpoints / old, ignore_errors=True)
+    def publish_checkpoint(self, tmp_tag: str, tag: str, step: int, keep: int, phase: str) -> str:
+        """Rank 0, after every rank has written tmp_tag: make it durable, rename it to a tag no other
+        checkpoint has, point latest.json at it, then delete what is no longer needed. The last
+        good checkpoint is never deleted before its replacement is in place: a step checkpointed
+        again (the step a launch resumed from) gets the tag step-N.K. Returns the tag."""
+        src = self.checkpoints / tmp_tag
+        final, k = tag, 0
+        while (self.checkpoints / final).exists():
+            k += 1
+            final = f"{tag}.{k}"
+        fsync_tree(src)
+        os.replace(src, self.checkpoints / final)
+        fsync_dir(self.checkpoints)
+        atomic_write_json(self.latest, {"tag": final, "step": step, "phase": phase})
+        tags = sorted(p.name for p in self.checkpoints.glob("step-*") if p.is_dir())
+        for old in tags[:-keep]:  # step-N sorts before step-N.1, which sorts before step-N+1
+            if old != final:
+                shutil.rmtree(self.checkpoints / old, ignore_errors=True)
         for stale in self.checkpoints.glob("tmp-*"):  # a checkpoint a killed run never finished
             if stale.name != tmp_tag:
                 shutil.rmtree(stale, ignore_errors=True)
+        return final
 
     # -- metrics
     def truncate_metrics(self, step: int) -> None:

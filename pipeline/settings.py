@@ -83,13 +83,19 @@ class SearchSettings:
         return dataclasses.asdict(self)
 
     @classmethod
+    def legacy_names(cls, record: dict) -> dict:
+        """A record's settings under today's field names (min_steps, max_steps: before the flags'
+        names were used); other keys dropped."""
+        known = {f.name for f in fields(cls)}
+        legacy = {"min_steps": "search_min_steps", "max_steps": "search_max_steps"}
+        return {legacy.get(k, k): v for k, v in record.items() if legacy.get(k, k) in known}
+
+    @classmethod
     def from_record(cls, record: dict, where: str) -> "SearchSettings":
         """From RUN/search.json. A file written before a setting existed gets the value that
         reproduces what that run did: ffn_multiple 1 (free widths), and the older names min_steps
         and max_steps for the search's bounds."""
-        known = {f.name for f in fields(cls)}
-        legacy = {"min_steps": "search_min_steps", "max_steps": "search_max_steps"}
-        values = {legacy.get(k, k): v for k, v in record.items() if legacy.get(k, k) in known}
+        values = cls.legacy_names(record)
         values.setdefault("ffn_multiple", 1)
         try:
             s = cls(**values)
@@ -121,7 +127,8 @@ class TrainSettings:
     eval_every: int = setting(1000, "steps between validations (0: only at the end)")
     eval_sequences: int = setting(4096, "validation sequences per evaluation")
     log_every: int = setting(1, "steps between metrics rows")
-    max_time: float | None = setting(None, "seconds: checkpoint and stop before this")
+    max_time: float | None = setting(None, "seconds this launch may take, its start-up included: "
+                                                   "checkpoint and stop (exit 75) before they run out")
     init_from: Path | None = setting(None, "a Hugging Face BERT checkpoint directory")
     mlm_probability: float = setting(0.15, "fraction of tokens predicted")
     whole_word_masking: bool = setting(False, "mask whole words (needs the data's tokenizer)")

@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 
 from pipeline.errors import UserError
@@ -68,3 +68,33 @@ def locate(run: RunDir, settings: TrainSettings, search: SearchSettings) -> Star
         raise UserError(f"--ticket_weights rewind: {run.init_weights} is missing (the search began without "
                         "this flag, so its starting weights were not kept)")
     return Start(phase, search, checkpoint, pruned)
+
+
+# The search settings that still shape the result in each phase: all of them until the ticket is
+# drawn; afterwards only the efficient stage's re-warm-up (the rest may change on a restart).
+MATTERS = {Phase.SEARCH: tuple(f.name for f in fields(SearchSettings)),
+           Phase.EFFICIENT: ("rewarmup_steps",), Phase.DENSE: ()}
+
+
+def check_identity(run: RunDir, recorded: dict | None, identity: dict, phase: Phase) -> None:
+    """This launch must be the run RUN/run.json records: the same model, data, batch and seed, and
+    the same EarlyBERT settings while they matter. A run.json written before the settings were part
+    of it is compared with RUN/search.json, which every search launch rewrote with its flags."""
+    if recorded is None:
+        return
+    diff = sorted(k for k in identity if k != "search" and identity[k] != recorded.get(k))
+    if diff:
+        raise UserError(f"{run.path}: belongs to a different run (differs in {', '.join(diff)}); "
+                        "use a new --run_dir")
+    was = recorded.get("search")
+    if was is None:  # only what the older search.json held can be compared
+        began = run.read_search()
+        was = {k: v for k, v in began.settings.to_record().items() if k in began.present} if began else None
+    now = identity.get("search")
+    if was is None or now is None:
+        return
+    changed = [f"--{k} {now[k]} (the run's: {was.get(k)})" for k in MATTERS[phase]
+               if k in was and now[k] != was[k]]
+    if changed:
+        raise UserError(f"{run.run_json}: this run searches with other settings: {'; '.join(changed)}; "
+                        "give the run's values, or use a new --run_dir")

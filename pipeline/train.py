@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import deepspeed
+import psutil
 import torch
 
 from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
@@ -48,7 +49,7 @@ from pipeline.mfu import peak_flops
 from pipeline.run_dir import RunDir, TrainState
 from pipeline.search import Search
 from pipeline.settings import SearchSettings, TrainSettings, add_arguments, from_namespace
-from pipeline.stage import Phase, locate
+from pipeline.stage import Phase, check_identity, locate
 
 EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RELAUNCH = 3, 75, 76
 # fp16: steps in a row that the loss scaler skipped with a NaN/inf loss before the run stops
@@ -93,6 +94,7 @@ class Trainer:
     def __init__(self, s: TrainSettings, search: SearchSettings, rank: int, world: int, device: torch.device):
         """Checks the input and builds the engine; RUN is not written (bad input: UserError)."""
         self.s, self.rank, self.world, self.device = s, rank, world, device
+        self.launched_at = psutil.Process().create_time()  # --max_time counts this launch's start-up
         self.run, self.comm, self.stop_signal = RunDir(s.run_dir), Comm(device), 0
         self.ds_cfg = load_ds_config(s.deepspeed_config, s.max_steps, world)
         self.gas = self.ds_cfg["gradient_accumulation_steps"]
@@ -100,14 +102,12 @@ class Trainer:
         self.manifest = check_data(s.data, rank)
         torch.manual_seed(s.seed)
         model = build_model(s, search, self.manifest)
-        self.identity = run_identity(s, model, self.manifest, self.ds_cfg)
-        self.recorded = self.run.read_identity()
-        if self.recorded is not None and self.recorded != self.identity:
-            diff = sorted(k for k in self.identity if self.identity[k] != self.recorded.get(k))
-            raise UserError(f"{self.run.path}: belongs to a different run (differs in {', '.join(diff)}); "
-                            "use a new --run_dir")
         self.start = locate(self.run, s, search)
         self.phase = self.start.phase
+        self.identity = run_identity(s, model, self.manifest, self.ds_cfg,
+                                     self.start.search if self.phase != Phase.DENSE else None)
+        self.recorded = self.run.read_identity()
+        check_identity(self.run, self.recorded, self.identity, self.phase)
         if self.phase == Phase.EFFICIENT:
             model = load_pruned(s, self.run.pruned)
         model.l1 = self.start.search.l1 / self.gas if self.phase == Phase.SEARCH else 0.0
@@ -214,7 +214,7 @@ class Trainer:
             engine.backward(loss)
             if i < gas - 1:
                 engine.step()  # inside the accumulation: DeepSpeed only counts it
-        for j, flag in enumerate(self.flags(t_start, max(last, time.time() - t0))):
+        for j, flag in enumerate(self.flags(max(last, time.time() - t0))):
             if flag:
                 sums[4 + j] += flag  # a Python scalar: no host-to-device copy to wait for
         loss_sum, tokens, gate_l1, nonfinite, stop, late, ticket_seen = self.comm.sum(sums).tolist()
@@ -240,13 +240,14 @@ class Trainer:
         state.elapsed = time.time() - t_start
         return r
 
-    def flags(self, t_start: float, dt: float) -> list[int]:
+    def flags(self, dt: float) -> list[int]:
         """This rank's view of [stop requested, out of time, ticket present] at a step's end."""
         s = self.s
         stop = bool(self.stop_signal) or (self.rank == 0 and self.run.stop_requested())
-        # dt: the previous step with its evaluation and checkpoint, or this one so far if longer;
-        # twice that, and 10 s for the checkpoint, must still fit
-        late = s.max_time is not None and time.time() - t_start + 2 * dt + 10 > s.max_time
+        # --max_time is this launch's, from the process's start. dt: the previous step with its
+        # evaluation and checkpoint, or this one so far if longer; twice that, and 10 s for the
+        # checkpoint, must still fit
+        late = s.max_time is not None and time.time() - self.launched_at + 2 * dt + 10 > s.max_time
         ticket = self.search is not None and self.rank == 0 and self.run.ticket.exists()
         return [int(stop), int(late), int(ticket)]
 

@@ -85,6 +85,7 @@ if [[ "$in_slurm" -eq 1 ]]; then
     # Each node's torchrun advertises the node's Slurm address (NodeAddr), not whatever its
     # host name resolves to there; the first node hosts the rendezvous store at its address
     # (said explicitly: torchrun's guess compares host names).
+    # shellcheck disable=SC2016  # the single-quoted script expands on each node, not here
     launch=(srun --nodes "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1 --open-mode=append
             bash -c 'addr="$(scontrol show node "$SLURMD_NODENAME" | sed -n "s/.*NodeAddr=\([^ ]*\).*/\1/p")"
                      host=false; [[ "$SLURM_NODEID" == 0 ]] && host=true
@@ -110,6 +111,7 @@ fi
 monitor=$!
 trainer=""
 stop_asked=0
+# shellcheck disable=SC2317  # reached through the traps below
 ask_to_stop() {  # Slurm's warning (USR1), or TERM/INT: checkpoint at the next step boundary
     stop_asked=1
     log "received $1: the trainer checkpoints at its next step boundary"

@@ -3,6 +3,7 @@ rewound tickets, the whole loop through slurm/pretrain.sh (monitor, relaunch, co
 export and reload, summary), and bad tickets and flags."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -153,6 +154,19 @@ def test_trainer_refuses_bad_tickets_and_flags(tmp_path, small_data):
     # --max_time 1: stops after the first step, checkpointed
     r = run_train(train_cmd(1), *train_args(cfg, small_data, run, **common, max_time=1))
     assert r.returncode == 75, r.stderr[-2000:]
+    # The search's settings are the run's while it searches: another --l1 or --epsilon is refused,
+    # also for a run.json written before they were part of it (then RUN/search.json has them).
+    old_format = tmp_path / "old-format"
+    shutil.copytree(run, old_format)
+    spec = json.loads((old_format / "run.json").read_text())
+    assert spec.pop("search")["l1"] == 1e-4
+    (old_format / "run.json").write_text(json.dumps(spec))
+    for where, flags, needle in ((run, {"l1": 1e-3}, "--l1 0.001"), (run, {"epsilon": 0.2}, "--epsilon 0.2"),
+                                 (old_format, {"l1": 1e-3}, "--l1 0.001")):
+        before = tree_bytes(where)
+        r = run_train(train_cmd(1), *train_args(cfg, small_data, where, **common, **flags))
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert tree_bytes(where) == before
     # A ticket file beside the run's: from another run, malformed, or emptying a layer.
     fp = RunDir(run).fingerprint()
     h = [np.array([True, False])] * 2
