@@ -4,14 +4,19 @@
         [--min_steps N] [--window 5] [--epsilon 0.1] [--poll SECONDS]
 
 It reads RUN/gates/step-*.npz as the trainer writes them, draws each snapshot's masks, applies
-the early-bird rule and writes RUN/ticket.json when the rule fires. RUN/earlybird/ keeps the
+the early-bird rule and writes RUN/ticket.json when the rule fires (the trainer applies the same
+rule to the same snapshot and takes the ticket at its step, so the decision never waits on this
+process). RUN/earlybird/ keeps the
 record: distances.jsonl (one row per snapshot) and PNG plots (pairwise step x step mask
 distances for heads and FFN, distance to the previous mask, the ticket's shape, gate histograms).
 When the trainer logs to W&B (RUN/wandb.json), the same goes to a W&B run in its group.
 
 Its settings are the trainer's, from RUN/search.json (pipeline.settings.SearchSettings: --prune_heads,
 --prune_ffn, --ffn_multiple, --search_min_steps as --min_steps, --window, --epsilon); the flags
-here override them for experiments. An older run's search.json without ffn_multiple means 1.
+here override them for experiments: they change what it shows and the ticket it would write, not
+the trainer's decision. An older run's search.json without ffn_multiple means 1. A snapshot read
+before that disappears or is written again (a trainer resumed from an earlier checkpoint) makes
+it start over.
 Everything is rebuilt from the snapshots at start, so a killed monitor restarted reaches the same
 decision. It exits by itself once the run has left the searching stage
 (a ticket is in place, RUN/pruned/ or RUN/finished.json exists, or the run does not search).
@@ -77,14 +82,34 @@ class Monitor:
         # No fallback here: at the maximum search length the trainer draws the ticket itself.
         self.rule = EarlyBirdRule(window=s.window, epsilon=s.epsilon, min_steps=s.search_min_steps, max_steps=None)
         self.fingerprint = run.fingerprint()
+        self.wandb = None
+        self.logged_step = -1
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every snapshot (a resumed trainer replaced the ones after its checkpoint)."""
+        self.rule.history.clear()
         self.rows: list[dict] = []
         self.masks: list[tuple[int, list, list]] = []
         self.latest_gates = None
-        self.wandb = None
-        self.logged_step = -1
+        self.seen_files: dict[int, tuple[int, int]] = {}  # step -> (inode, mtime) of what was read
+
+    def stale(self, paths: list[tuple[int, Path]]) -> bool:
+        """Whether a snapshot read before is gone or was written again."""
+        now = {s: p for s, p in paths}
+        for step, ident in self.seen_files.items():
+            try:
+                st = now[step].stat()
+            except (KeyError, OSError):
+                return True
+            if (st.st_ino, st.st_mtime_ns) != ident:
+                return True
+        return False
 
     def process(self, step: int, path: Path) -> None:
+        st = path.stat()
         heads_g, ffn_g = self.run.read_snapshot(path, len(self.heads_n))
+        self.seen_files[step] = (st.st_ino, st.st_mtime_ns)
         if [len(h) for h in heads_g] != self.heads_n or [len(f) for f in ffn_g] != self.ffn_n:
             raise UserError(f"{path}: gate shapes do not match the run's model")
         heads, ffn = draw_masks(heads_g, ffn_g, self.prune_heads, self.prune_ffn, self.ffn_multiple)
@@ -236,9 +261,13 @@ def main(argv=None) -> int:
     try:
         m.start_wandb()
         while True:
+            paths = run.snapshot_paths()
+            if m.stale(paths):  # the trainer resumed before snapshots it had written: start over
+                print("monitor: snapshots were replaced (the trainer resumed); rebuilding", file=sys.stderr)
+                m.reset()
             ticket = run.ticket_step()
             seen = m.rows[-1]["step"] if m.rows else -1
-            new = [(s, p) for s, p in run.snapshot_paths() if s > seen and (ticket is None or s <= ticket)]
+            new = [(s, p) for s, p in paths if s > seen and (ticket is None or s <= ticket)]
             for i, (step, path) in enumerate(new):
                 m.process(step, path)
                 if ticket is None and run.ticket.exists():  # drawn now: later snapshots do not count

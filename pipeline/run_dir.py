@@ -290,6 +290,29 @@ class RunDir:
             tmp.unlink()
         return json.loads(self.ticket.read_text())
 
+    def put_ticket(self, record: dict) -> None:
+        """The trainer's ticket: kept if RUN/ticket.json already holds the same one (the monitor,
+        applying the same rule to the same snapshot, may have written it first); otherwise it
+        replaces what is there (a ticket from a monitor run with other settings), atomically."""
+        try:
+            there = json.loads(self.ticket.read_text())
+            if [there.get(k) for k in ("step", "heads", "ffn")] == [record[k] for k in ("step", "heads", "ffn")]:
+                return
+        except (OSError, ValueError):
+            pass
+        atomic_write_bytes(self.ticket, (json.dumps(record) + "\n").encode())
+
+    def discard_after(self, step: int) -> None:
+        """On resuming at `step`: the gate snapshots and the ticket of later steps belong to a
+        trajectory the resume discards (the same steps will be trained again)."""
+        for s, path in self.snapshot_paths():
+            if s > step:
+                path.unlink(missing_ok=True)
+        found = self.ticket_step()
+        if found is not None and found > step:
+            self.ticket.unlink(missing_ok=True)
+        fsync_dir(self.path)
+
     def ticket_step(self) -> int | None:
         """The ticket's step, or None when there is none or it cannot be read (the trainer reports
         a broken ticket; the monitor only marks the step)."""

@@ -1,9 +1,12 @@
 """The EarlyBERT searching stage, trainer side, as one object the loop calls at step boundaries:
-gate snapshots for the monitor, the initial weights kept for rewinding, the ticket (the monitor's
-RUN/ticket.json, or drawn here at --search_max_steps), and pruning into RUN/pruned/.
+gate snapshots for the monitor, the initial weights kept for rewinding, the early-bird rule on
+each snapshot (the monitor applies the same rule to the same files, so either may write
+RUN/ticket.json first and both write the same ticket), the fallback at --search_max_steps, and
+pruning into RUN/pruned/. The ticket is taken at the step of the snapshot that gave it: what is
+pruned depends on the snapshots alone, never on how fast the monitor runs or whether it runs.
 
-    search.begin(step)              after resuming: rewind weights at step 0, RUN/search.json
-    search.after_step(step)         a gate snapshot every --snapshot_every steps
+    search.begin(step)              after resuming: the rule's history, rewind weights, search.json
+    search.after_step(step)         a gate snapshot every --snapshot_every steps and the rule on it
     search.ticket(step)             the ticket every rank agrees on, or None
     search.prune(state, ticket)     RUN/pruned/ (reduced model + trainer_state.json)
 
@@ -19,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.dist import Comm
-from pipeline.earlybird import draw_masks, random_masks
+from pipeline.earlybird import EarlyBirdRule, draw_masks, random_masks
 from pipeline.engine import full_weights, gate_values
 from pipeline.errors import UserError
 from pipeline.hf import export
@@ -34,29 +37,61 @@ class Search:
                  tokenizer_dir: Path, log: Callable[[str], None]):
         self.engine, self.run, self.comm, self.rank = engine, run, comm, rank
         self.s, self.seed, self.tokenizer_dir, self.log = settings, seed, tokenizer_dir, log
+        # The early-bird rule, applied by rank 0 to every snapshot as it is written (the monitor
+        # applies the same rule to the same files; the fallback is ticket(), not the rule's).
+        self.rule = EarlyBirdRule(window=settings.window, epsilon=settings.epsilon,
+                                  min_steps=settings.search_min_steps, max_steps=None)
+        self.fired_at: int | None = None  # rank 0: the step whose snapshot gave the ticket
 
     def begin(self, step: int) -> None:
-        """Keeps the starting weights for --ticket_weights rewind, then writes RUN/search.json
-        (last: the monitor starts watching when it appears)."""
+        """At a launch's start, resuming at `step`: drops the snapshots and a ticket of a trajectory
+        the resume discards (newer than `step`), rebuilds the rule's history from the snapshots
+        kept, checks a ticket already in RUN; keeps the starting weights for --ticket_weights
+        rewind; then writes RUN/search.json (last: the monitor starts watching when it appears)."""
+        config = self.engine.module.config
+        error = None
+        if self.rank == 0:
+            try:  # a ticket in RUN is checked before anything is touched
+                found = self.run.read_ticket(config.heads, config.ffn) if self.run.ticket.exists() else None
+            except UserError as e:
+                error = str(e)
+            if error is None:
+                self.fired_at = found["step"] if found is not None and found["step"] == step else None
+                self.run.discard_after(step)
+                for s, path in self.run.snapshot_paths():
+                    self._verdict(s, path)
+        error = self.comm.broadcast(error)
+        if error is not None:
+            raise UserError(error + "; remove it to let the search go on")
         if self.s.ticket_weights == "rewind" and step == 0:
             self._save_initial_weights()
-        config = self.engine.module.config
         if self.rank == 0:
             self.run.write_search(SearchRecord(self.s, list(config.heads), list(config.ffn)))
 
-    def after_step(self, step: int) -> None:
-        if step % self.s.snapshot_every == 0:
-            heads, ffn = gate_values(self.engine)
-            if self.rank == 0:
-                self.run.write_snapshot(step, heads, ffn)
+    def after_step(self, step: int) -> bool:
+        """Every --snapshot_every steps: the gate snapshot, and the rule's verdict on it (rank 0
+        publishes the ticket when it fires). Returns, on every rank, whether the ticket is due now."""
+        if step % self.s.snapshot_every != 0:
+            return False
+        heads, ffn = gate_values(self.engine)
+        fired = False
+        if self.rank == 0:
+            path = self.run.write_snapshot(step, heads, ffn)
+            verdict = self._verdict(step, path)
+            if verdict is not None:
+                self.run.put_ticket(ticket_record(step, *verdict, self.run.fingerprint(), *self._last_masks(), []))
+                self.fired_at, fired = step, True
+        return self.comm.agree(fired)
 
     def ticket(self, step: int) -> dict | None:
-        """At a step boundary: the ticket all ranks agree on, or None. Rank 0 reads
-        RUN/ticket.json; at --search_max_steps without one it draws the ticket itself."""
+        """At a step boundary: the ticket all ranks agree on, or None. The rule's ticket is taken at
+        the step of the snapshot it came from; at --search_max_steps without one the trainer draws
+        it from its own gates. A ticket.json of another step (a monitor run with other settings)
+        does not decide: the ticket and its step depend on the snapshots alone."""
         config = self.engine.module.config
-        present = self.comm.agree(self.rank == 0 and self.run.ticket.exists())
-        fallback = not present and step >= self.s.search_max_steps
-        if not present and not fallback:
+        due = self.comm.agree(self.rank == 0 and self.fired_at == step)
+        fallback = not due and step >= self.s.search_max_steps
+        if not due and not fallback:
             return None
         gates = gate_values(self.engine) if fallback else None
         box = [None]
@@ -68,7 +103,8 @@ class Search:
                     reason = (f"fallback: no early-bird ticket by the maximum search length "
                               f"(--search_max_steps {self.s.search_max_steps}); drawn by the trainer from "
                               f"its own gates at step {step}")
-                    self.run.publish_ticket(ticket_record(step, reason, "trainer", self.run.fingerprint(), heads, ffn, []))
+                    self.run.put_ticket(ticket_record(step, reason, "trainer", self.run.fingerprint(), heads,
+                                                      ffn, []))
                 box[0] = self.run.read_ticket(config.heads, config.ffn)
             except UserError as e:
                 box[0] = str(e)
@@ -76,6 +112,19 @@ class Search:
         if isinstance(found, str):
             raise UserError(found + "; remove it to let the search go on")
         return found
+
+    def _verdict(self, step: int, path: Path) -> tuple[str, str] | None:
+        """Rank 0: the rule on snapshot `path` as written (the values the monitor reads), added to
+        the history; (reason, source) when it fires."""
+        config = self.engine.module.config
+        heads_g, ffn_g = self.run.read_snapshot(path, config.num_layers)
+        heads, ffn = draw_masks(heads_g, ffn_g, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
+        reason, _ = self.rule.update(step, heads, ffn)
+        return None if reason is None else (reason, "trainer")
+
+    def _last_masks(self) -> tuple[list, list]:
+        _, heads, ffn = self.rule.history[-1]
+        return heads, ffn
 
     def prune(self, state: TrainState, ticket: dict, metrics_summary: Callable[..., None]) -> None:
         """RUN/pruned/: the reduced model (--ticket random|rule, --ticket_weights carry|rewind) and

@@ -9,8 +9,9 @@ sizes, precision, optimizer, scheduler and ZeRO stage come from the DeepSpeed co
 setting is pipeline/settings.py's (`--help` lists them).
 
 The stage comes from RUN: nothing there -> searching stage (gated model, L1, gate snapshots in
-RUN/gates/ for `python -m pipeline.monitor`); RUN/ticket.json appears (or --search_max_steps is
-reached: the trainer draws the ticket itself) -> checkpoint, RUN/pruned/, exit 76; the same
+RUN/gates/, watched by `python -m pipeline.monitor`); the early-bird rule fires on a snapshot (the
+trainer applies it at the snapshot's step, the monitor the same rule to the same files), or
+--search_max_steps is reached -> RUN/ticket.json, checkpoint, RUN/pruned/, exit 76; the same
 command again -> efficient stage on the pruned model, continuing step, LR schedule and data.
 `--earlybird off` trains the dense model. slurm/pretrain.sh runs the loop.
 
@@ -87,7 +88,6 @@ class StepResult:
     skipped: bool        # an fp16 overflow: DeepSpeed skipped the update
     stop: bool           # a stop request reached some rank
     late: bool           # --max_time leaves no room for another step
-    ticket_seen: bool    # RUN/ticket.json exists
 
 
 class Trainer:
@@ -169,7 +169,7 @@ class Trainer:
         last, t0 = 0.0, time.time()  # last: the previous step with its evaluation and checkpoint
         self.engine.train()
         try:
-            if state.step < s.max_steps and (ticket := self.ticket(state, seen=True)) is not None:
+            if state.step < s.max_steps and (ticket := self.ticket(state, check=True)) is not None:
                 return self.prune(state, ticket)
             while state.step < s.max_steps:
                 last, t0, wait0 = time.time() - t0, time.time(), loader.wait_s
@@ -178,13 +178,12 @@ class Trainer:
                 if r.fatal:
                     return self.nonfinite(at_start, r.loss / self.world)
                 self.log_step(state, r, time.time() - t0, loader.wait_s - wait0)
-                if not r.skipped:
-                    self.after_step(state.step)
+                due = not r.skipped and self.after_step(state.step)
                 if r.stop or r.late:
                     return self.stop(state, "stop request" if r.stop else "--max_time")
                 if state.step % s.checkpoint_every == 0 and not r.skipped or state.step == s.max_steps:
                     self.checkpoint(state)
-                if state.step < s.max_steps and (ticket := self.ticket(state, r.ticket_seen)) is not None:
+                if state.step < s.max_steps and (ticket := self.ticket(state, due)) is not None:
                     return self.prune(state, ticket)
         finally:
             loader.close()
@@ -196,9 +195,9 @@ class Trainer:
     def step(self, state: TrainState, loader: Prefetcher, t_start: float, t0: float, last: float) -> StepResult:
         """Forward and backward over the accumulation's micro batches, then one all-reduce and one
         read-back: [MLM loss, non-pad tokens, sum |gate|, non-finite micro batches, stop requested,
-        out of time, ticket present]; then the optimizer step."""
+        out of time]; then the optimizer step."""
         engine, module, gas = self.engine, self.engine.module, self.gas
-        sums, flops = self.comm.zeros(7), 0.0
+        sums, flops = self.comm.zeros(6), 0.0
         for i in range(gas):
             batch, state.consumed = loader.next()
             loss, n, _ = engine(**to_device(batch, self.device))
@@ -217,9 +216,9 @@ class Trainer:
         for j, flag in enumerate(self.flags(max(last, time.time() - t0))):
             if flag:
                 sums[4 + j] += flag  # a Python scalar: no host-to-device copy to wait for
-        loss_sum, tokens, gate_l1, nonfinite, stop, late, ticket_seen = self.comm.sum(sums).tolist()
+        loss_sum, tokens, gate_l1, nonfinite, stop, late = self.comm.sum(sums).tolist()
         r = StepResult(loss_sum, tokens, gate_l1, flops, fatal=False, skipped=False, stop=bool(stop),
-                       late=bool(late), ticket_seen=bool(ticket_seen))
+                       late=bool(late))
         # fp16: the loss scaler skips a non-finite step first, up to MAX_NONFINITE_SKIPS in a row
         if nonfinite and (not self.fp16 or self.nonfinite_skips >= MAX_NONFINITE_SKIPS):
             r.fatal = True
@@ -241,15 +240,14 @@ class Trainer:
         return r
 
     def flags(self, dt: float) -> list[int]:
-        """This rank's view of [stop requested, out of time, ticket present] at a step's end."""
+        """This rank's view of [stop requested, out of time] at a step's end."""
         s = self.s
         stop = bool(self.stop_signal) or (self.rank == 0 and self.run.stop_requested())
         # --max_time is this launch's, from the process's start. dt: the previous step with its
         # evaluation and checkpoint, or this one so far if longer; twice that, and 10 s for the
         # checkpoint, must still fit
         late = s.max_time is not None and time.time() - self.launched_at + 2 * dt + 10 > s.max_time
-        ticket = self.search is not None and self.rank == 0 and self.run.ticket.exists()
-        return [int(stop), int(late), int(ticket)]
+        return [int(stop), int(late)]
 
     def log_step(self, state: TrainState, r: StepResult, dt: float, wait: float) -> None:
         s = self.s
@@ -266,15 +264,17 @@ class Trainer:
             row["skipped"] = True  # fp16 overflow: batch consumed, no optimizer step, no LR step
         self.metrics.log(row)
 
-    def after_step(self, step: int) -> None:
-        if self.search is not None:
-            self.search.after_step(step)
+    def after_step(self, step: int) -> bool:
+        """Snapshot and rule (searching), evaluation; returns whether the rule's ticket is due."""
+        due = self.search is not None and self.search.after_step(step)
         if self.s.eval_every and step % self.s.eval_every == 0 and step < self.s.max_steps:
             self.evaluate(step)
+        return due
 
-    def ticket(self, state: TrainState, seen: bool) -> dict | None:
-        """The ticket, when searching and one is there (seen) or --search_max_steps is reached."""
-        if self.search is None or not (seen or state.step >= self.start.search.search_max_steps):
+    def ticket(self, state: TrainState, check: bool) -> dict | None:
+        """The ticket, when searching and the rule's is due (check: ask the search, a collective) or
+        --search_max_steps is reached."""
+        if self.search is None or not (check or state.step >= self.start.search.search_max_steps):
             return None
         return self.search.ticket(state.step)
 

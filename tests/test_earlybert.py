@@ -4,8 +4,10 @@ export and reload, summary), and bad tickets and flags."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -94,19 +96,20 @@ def scheduled_lrs(cfg_path, n: int) -> list[float]:
 def test_whole_loop_through_pretrain_sh(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
     run = tmp_path / "run"
-    e = dict(env(), WANDB_MODE="offline", MONITOR_FLAGS="--epsilon 1.0 --poll 0.2", PYTHON=sys.executable)
+    e = dict(env(), WANDB_MODE="offline", MONITOR_FLAGS="--poll 0.2", PYTHON=sys.executable)
     pretrain = ["bash", str(ROOT / "slurm" / "pretrain.sh")]
     r = subprocess.run([*pretrain, *train_args(cfg, small_data, run, max_steps=120, search_max_steps=100,
-                                               search_min_steps=8, snapshot_every=2, eval_every=60, dropout=0,
-                                               wandb_project="earlybert-test", wandb_mode="offline")],
+                                               search_min_steps=8, snapshot_every=2, epsilon=1.0, eval_every=60,
+                                               dropout=0, wandb_project="earlybert-test", wandb_mode="offline")],
                        cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    # The monitor drew the ticket: 5 snapshots (2..10) within epsilon, at min_steps or later.
+    # The rule fired: 5 snapshots (2..10) within epsilon, at min_steps or later; the monitor and the
+    # trainer apply it alike (either may write the ticket), and it is taken at its snapshot's step.
     t = json.loads((run / "ticket.json").read_text())
-    assert t["source"] == "monitor" and t["step"] == 10 and t["reason"].startswith("early-bird"), t
+    assert t["source"] in ("monitor", "trainer") and t["step"] == 10 and t["reason"].startswith("early-bird"), t
     state = json.loads((run / "pruned" / "trainer_state.json").read_text())
     taken = state["state"]["step"]
-    assert state["ticket_step"] == 10 and 10 <= taken < 100
+    assert state["ticket_step"] == 10 and taken == 10
     record = [json.loads(x) for x in (run / "earlybird" / "distances.jsonl").read_text().splitlines()]
     assert [x["step"] for x in record] == [2, 4, 6, 8, 10]
     assert (run / "earlybird" / "pairwise_ffn.png").exists()
@@ -145,6 +148,39 @@ def test_whole_loop_through_pretrain_sh(tmp_path, small_data):
     again = subprocess.run([*pretrain, *train_args(cfg, small_data, run, max_steps=120)],
                            cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_the_ticket_depends_on_the_snapshots_alone(tmp_path, small_data):
+    """With or without the monitor, killed mid-search or not: the same ticket, taken at the same
+    step, and the same pruned weights (CPU, fp32, dropout 0)."""
+    cfg = ds_config(tmp_path, "cpu.json")
+    flags = dict(max_steps=40, search_max_steps=30, search_min_steps=8, snapshot_every=2, epsilon=1.0,
+                 checkpoint_every=3, eval_every=0, dropout=0)
+    ref = tmp_path / "ref"  # no monitor, no interruption
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, ref, **flags))
+    assert r.returncode == 76, r.stderr[-3000:]
+    run = tmp_path / "run"  # a monitor beside it; the trainer killed after a checkpoint, mid-search
+    (run / "gates").mkdir(parents=True)
+    monitor = subprocess.Popen([sys.executable, "-m", "pipeline.monitor", "--run_dir", str(run), "--poll", "0.05"],
+                               cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen([*train_cmd(1), *train_args(cfg, small_data, run, **flags)], cwd=ROOT, env=env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while not (latest.exists() and json.loads(latest.read_text())["step"] >= 3) and trainer.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(trainer.pid, signal.SIGKILL)
+    assert trainer.wait() == -signal.SIGKILL  # killed before the ticket's step (10)
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, **flags))
+    assert r.returncode == 76, r.stderr[-3000:]
+    monitor.wait(timeout=60)
+    mine, theirs = (json.loads((d / "ticket.json").read_text()) for d in (run, ref))
+    assert [mine[k] for k in ("step", "heads", "ffn")] == [theirs[k] for k in ("step", "heads", "ffn")]
+    assert mine["step"] == 10
+    for d in (run, ref):
+        assert json.loads((d / "pruned" / "trainer_state.json").read_text())["state"]["step"] == 10
+    assert (run / "pruned" / "model.safetensors").read_bytes() == (ref / "pruned" / "model.safetensors").read_bytes()
 
 
 def test_trainer_refuses_bad_tickets_and_flags(tmp_path, small_data):
