@@ -53,13 +53,12 @@ class Search:
         if self.rank == 0:
             try:  # a ticket in RUN is checked before anything is touched
                 found = self.run.read_ticket(config.heads, config.ffn) if self.run.ticket.exists() else None
-            except UserError as e:
-                error = str(e)
-            if error is None:
                 self.fired_at = found["step"] if found is not None and found["step"] == step else None
                 self.run.discard_after(step)
                 for s, path in self.run.snapshot_paths():
                     self._verdict(s, path)
+            except UserError as e:  # reported by every rank, not only this one
+                error = str(e)
         error = self.comm.broadcast(error)
         if error is not None:
             raise UserError(error + "; remove it to let the search go on")
