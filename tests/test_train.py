@@ -103,7 +103,8 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, small_data):
     timed = tmp_path / "timed"
     for launch in range(2):
         t0 = time.time()
-        r = run_train(train_cmd(1), *train_args(cfg, small_data, timed, max_steps=10000, max_time=35))
+        r = run_train(train_cmd(1), *train_args(cfg, small_data, timed, max_steps=10000, max_time=35,
+                                                earlybird="off"))  # no ticket to end the launch early
         assert r.returncode == 75 and (timed / "checkpoints" / "latest.json").exists(), r.stderr[-2000:]
         assert time.time() - t0 < 35
         trained = [x["step"] for x in steps(timed)]
