@@ -149,6 +149,14 @@ def full_weights(engine, gates_only: bool = False) -> dict[str, torch.Tensor]:
     return full
 
 
+def weights_finite(engine, comm) -> bool:
+    """Whether every rank's weights are finite (a collective: all ranks). ZeRO-3: each rank checks
+    its own partition (ds_tensor); the module's parameters there are empty placeholders."""
+    params = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()]
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in params if t is not None and t.numel()])
+    return not comm.agree(not bool(finite.all()))
+
+
 def gate_values(engine) -> tuple[list, list]:
     """|gate| arrays per layer, heads and FFN (a collective: all ranks)."""
     g = full_weights(engine, gates_only=True)

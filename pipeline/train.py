@@ -19,7 +19,9 @@ A stop request (SIGTERM, SIGUSR1, or the file RUN/stop, which works across nodes
 checkpoints at the next step boundary and exits 75.
 
 Exit codes: 0 done (or already finished); 2 bad input (nothing in RUN touched); 3 the loss
-became NaN/inf (a checkpoint of the last good state was written); 75 stopped on SIGTERM/SIGUSR1
+became NaN/inf (a checkpoint of the last good state was written), or non-finite gradients reached
+the weights or were skipped MAX_NONFINITE_SKIPS times in a row (no checkpoint of NaN weights is
+ever written: latest.json keeps the last good one); 75 stopped on SIGTERM/SIGUSR1
 or --max_time after a checkpoint; 76 the ticket is drawn and RUN/pruned/ written. After 75 and
 76, run the same command again to continue.
 """
@@ -41,7 +43,7 @@ import torch
 from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
 from pipeline.dist import Comm
 from pipeline.engine import (build_model, check_data, full_weights, load_ds_config, load_pruned, make_engine,
-                             run_identity, setup_distributed, training_dtype)
+                             run_identity, setup_distributed, training_dtype, weights_finite)
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.hf import export, folded_state_dict
 from pipeline.loader import Prefetcher, to_device
@@ -53,9 +55,14 @@ from pipeline.settings import SearchSettings, TrainSettings, add_arguments, from
 from pipeline.stage import Phase, check_identity, locate
 
 EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RELAUNCH = 3, 75, 76
-# fp16: steps in a row that the loss scaler skipped with a NaN/inf loss before the run stops
-# (exit 3): a forward that overflows does not recover by lowering the loss scale.
+# Steps in a row that DeepSpeed skipped for NaN/inf gradients before the run stops (exit 3): fp16's
+# loss scaler skips an overflow and lowers the scale, ZeRO-1/2 and bf16 skip non-finite gradients
+# in any precision; a forward or a batch that keeps overflowing does not recover by skipping.
 MAX_NONFINITE_SKIPS = 20
+
+
+class NonFiniteWeights(Exception):
+    """The weights hold NaN/inf (a non-finite gradient was applied): they are never checkpointed."""
 
 
 def parse_args(argv=None) -> tuple[TrainSettings, SearchSettings]:
@@ -129,6 +136,12 @@ class Trainer:
         state = self.resume()
         try:
             return self.train(state)
+        except NonFiniteWeights as e:
+            latest = self.run.latest_checkpoint()
+            last = f"{latest['tag']} (step {latest['step']})" if latest else "none yet"
+            self.log(f"error: {e}; not checkpointed: the last good checkpoint stays {last}. A relaunch "
+                     "continues from it with the same batches: change what made the gradient non-finite first")
+            return EXIT_NONFINITE
         finally:
             self.metrics.finish()
 
@@ -230,8 +243,11 @@ class Trainer:
                 r.fatal = True
                 return r
             raise
-        r.skipped = not engine.was_step_applied()  # an fp16 overflow: DeepSpeed skipped it
-        self.nonfinite_skips = self.nonfinite_skips + 1 if r.skipped and nonfinite else 0
+        r.skipped = not engine.was_step_applied()  # NaN/inf gradients (or an fp16 overflow): skipped
+        self.nonfinite_skips = self.nonfinite_skips + 1 if r.skipped else 0
+        if self.nonfinite_skips >= MAX_NONFINITE_SKIPS:  # skipped: the weights are still at_start's
+            r.fatal = True
+            return r
         state.tokens += int(tokens)
         if not r.skipped:
             state.step += 1
@@ -294,12 +310,16 @@ class Trainer:
         return EXIT_PREEMPTED
 
     def nonfinite(self, at_start: TrainState, loss: float) -> int:
-        self.log(f"error: the loss is {loss} at step {at_start.step + 1}: stopping; the "
-                 f"checkpoint holds the last good state (step {at_start.step})")
-        self.checkpoint(at_start)
+        """The step was not applied: the weights are still those of at_start, unless an earlier
+        update made them NaN (then checkpoint() refuses)."""
+        what = f"the loss is {loss}" if not math.isfinite(loss) else \
+            f"{self.nonfinite_skips} steps in a row had NaN/inf gradients"
+        self.log(f"error: {what} at step {at_start.step + 1}: stopping")
         self.metrics.log({"step": at_start.step + 1, "phase": self.phase, "loss": loss,
                           "lr": self.engine.get_lr()[0], "tokens": at_start.tokens, "step_time_s": 0.0,
                           "elapsed_s": at_start.elapsed, "nonfinite": True})
+        self.checkpoint(at_start)
+        self.log(f"the checkpoint holds the last good state (step {at_start.step})")
         return EXIT_NONFINITE
 
     def set_lr(self, step: int, fast_forward: bool = False) -> None:
@@ -363,6 +383,11 @@ class Trainer:
                               "val_accuracy": correct / count})
 
     def checkpoint(self, state: TrainState) -> None:
+        # A NaN gradient with a finite loss may have been applied (no ZeRO, or a clipping that
+        # spreads NaN): the weights are checked before they can become "the last good state".
+        if not weights_finite(self.engine, self.comm):
+            raise NonFiniteWeights(f"the weights hold NaN/inf after step {state.step} (a non-finite "
+                                   "gradient was applied)")
         tag = f"step-{state.step:07d}"
         tmp = "tmp-" + tag
         self.engine.save_checkpoint(str(self.run.checkpoints), tag=tmp,

@@ -1,9 +1,10 @@
 """pipeline/train.py end to end on CPU: ZeRO 1/2/3 with 1 and 2 ranks in bf16, exact resume after
-kill -9 (2 ranks, ZeRO-2, fp32), signals, the NaN guard, export, and bad input."""
+kill -9 (2 ranks, ZeRO-2, fp32), signals, the NaN guards (loss and gradients), export, and bad input."""
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -125,10 +126,33 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, small_data):
     bad = metrics(run)[-1]
     assert bad["phase"] == "dense" and bad.get("nonfinite") and not torch.isfinite(torch.tensor(bad["loss"]))
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
-    assert latest["step"] == bad["step"] - 1
+    assert latest["step"] == bad["step"] - 1 and checkpointed_weights_finite(run)
+
+
+def checkpointed_weights_finite(run) -> bool:
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     states = list((run / "checkpoints" / latest["tag"]).glob("*model_states.pt"))
     sd = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
-    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("zero,first,last,needle", [(0, 4, 4, "the weights hold NaN/inf after step 4"),
+                                                    (2, 4, 10 ** 6, "20 steps in a row had NaN/inf gradients")])
+def test_nonfinite_gradients_are_never_checkpointed(tmp_path, small_data, zero, first, last, needle):
+    """A NaN gradient with a finite loss (injected by tests/nan_gradient.py). Without ZeRO it
+    reaches the weights: the step's own checkpoint is refused (exit 3) and latest.json keeps the
+    step before. ZeRO-2 skips such steps; skipping for ever is stopped after 20 in a row."""
+    cfg = ds_config(tmp_path, "cpu.json", zero_optimization={"stage": zero})
+    run = tmp_path / "run"
+    r = run_train([sys.executable, str(ROOT / "tests" / "nan_gradient.py"), str(first), str(last)],
+                  *train_args(cfg, small_data, run, max_steps=40, checkpoint_every=1, earlybird="off"),
+                  timeout=300)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == first - 1 and checkpointed_weights_finite(run)
+    # ZeRO-2 logs the step it gave up on; without ZeRO step 4 trained (finite loss) and is logged
+    assert metrics(run)[-1].get("nonfinite", False) == (zero == 2)
 
 
 def test_init_from_real_bert(tmp_path, bert_vocab):
