@@ -17,6 +17,7 @@ from pipeline.hf import load_pretrained
 from pipeline.model import PRESETS, BertConfig, BertForMLM, LayerNames, is_gate
 from pipeline.optim import make_optimizer
 from pipeline.settings import SearchSettings, TrainSettings
+from pipeline.trusted import trust_checkpoints
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -135,6 +136,7 @@ def make_engine(model: BertForMLM, s: TrainSettings, ds_cfg: dict, device: torch
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     except Exception as e:  # DeepSpeed raises assertion/validation/value errors for bad configs
         raise UserError(f"{s.deepspeed_config}: DeepSpeed rejected the config ({type(e).__name__}: {e})")
+    trust_checkpoints(engine)  # loading a checkpoint from RUN cannot run code
     return engine
 
 

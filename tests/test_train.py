@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tree_bytes
 from data_prep.build import BuildArgs, build
 from helpers import ds_config, env, metrics, run_train, steps, train_args, train_cmd, validation_loss
 
@@ -224,6 +224,38 @@ def test_run_dir_of_another_model(tmp_path, small_data):
     r = run_train(train_cmd(1), *train_args(cfg, small_data, run, model="bert-mini", max_steps=3))
     assert r.returncode == 2 and "different run" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a full unpickler would do with a hostile file."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_file_cannot_run_code(tmp_path, small_data):
+    """Checkpoints load with weights_only and an allow-list (pipeline/trusted.py): a model-states
+    file that would run a command when unpickled is refused (exit 2, the file named), the command
+    does not run, and RUN is left as it was."""
+    cfg = ds_config(tmp_path, "cpu.json")
+    run = tmp_path / "run"
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=2, checkpoint_every=1,
+                                            earlybird="off"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    tag = json.loads((run / "checkpoints" / "latest.json").read_text())["tag"]
+    target = next((run / "checkpoints" / tag).glob("*model_states.pt"))
+    marker = tmp_path / "code-ran"
+    state = torch.load(target, map_location="cpu", weights_only=False)
+    state["buffer_names"] = RunsCode(marker)
+    torch.save(state, target)
+    before = tree_bytes(run)
+    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=4, checkpoint_every=1,
+                                            earlybird="off"))
+    assert r.returncode == 2 and not marker.exists(), r.stderr[-2000:]
+    assert "refused to load" in r.stderr and str(target) in r.stderr and "Traceback" not in r.stderr
+    assert tree_bytes(run) == before
 
 
 def test_wandb_offline_run_id_survives_a_resume(tmp_path, small_data):
