@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, writing
 
 from . import array
 from .args import BuildArgs
@@ -291,9 +291,10 @@ class Build:
 
 def _save_npy(path: Path, data: np.ndarray) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, partial=[tmp]):
+        with open(tmp, "wb") as f:
+            np.save(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return sha256_file(path)

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.errors import writing
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -30,12 +32,13 @@ def fsync_tree(root: Path) -> None:
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with writing(path, partial=[tmp]):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path | str, obj) -> None:

@@ -2,7 +2,6 @@
 check, the model and the DeepSpeed engine; and reading full fp32 weights back out of the engine."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -16,7 +15,7 @@ from pipeline.errors import UserError
 from pipeline.hf import load_pretrained
 from pipeline.model import PRESETS, BertConfig, BertForMLM, LayerNames, is_gate
 from pipeline.optim import make_optimizer
-from pipeline.settings import SearchSettings, TrainSettings
+from pipeline.settings import SearchSettings, TrainSettings, check_value, field_of, json_object
 from pipeline.trusted import trust_checkpoints
 
 
@@ -37,13 +36,36 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def load_ds_config(path: Path, max_steps: int, world: int) -> dict:
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable JSON DeepSpeed config ({e})")
-    if not isinstance(cfg, dict) or "train_micro_batch_size_per_gpu" not in cfg:
-        raise UserError(f"{path}: a DeepSpeed config needs train_micro_batch_size_per_gpu")
-    sched = cfg.get("scheduler", {}).get("params", {})
+    """The DeepSpeed config, total_num_steps "auto" and train_batch_size filled in. Not JSON, or a
+    key the trainer itself reads of the wrong type: UserError naming the file (the rest is for
+    DeepSpeed to check, in make_engine)."""
+    where = f"{path} (DeepSpeed config)"
+    cfg = json_object(path, where)
+    field_of(cfg, "train_micro_batch_size_per_gpu", int, where, low=1)
+    field_of(cfg, "gradient_accumulation_steps", int, where, low=1, default=None)
+    field_of(cfg, "gradient_clipping", float, where, low=0, default=None)
+    for name in ("fp16", "bf16", "torch_autocast"):
+        section = field_of(cfg, name, dict, where, default={})
+        field_of(section, "enabled", bool, f"{where}: {name}", default=None)
+    field_of(cfg.get("torch_autocast", {}), "dtype", str, f"{where}: torch_autocast", default=None)
+    field_of(field_of(cfg, "zero_optimization", dict, where, default={}), "stage", int,
+             f"{where}: zero_optimization", default=None)
+    optimizer = field_of(cfg, "optimizer", dict, where, default={})
+    field_of(optimizer, "type", str, f"{where}: optimizer", default=None)
+    params = field_of(optimizer, "params", dict, f"{where}: optimizer", default={})
+    for key in ("lr", "eps", "weight_decay"):
+        field_of(params, key, float, f"{where}: optimizer params", low=0, default=None)
+    field_of(params, "max_trust_ratio", (float, None), f"{where}: optimizer params", low=0, default=None)
+    betas = field_of(params, "betas", list, f"{where}: optimizer params", default=None)
+    if betas is not None and len(betas) != 2:
+        raise UserError(f"{where}: optimizer params: betas has {len(betas)} values, expected 2")
+    for i, beta in enumerate(betas or ()):
+        check_value(beta, float, f"{where}: optimizer params: betas[{i}]", low=0, high=1)
+    scheduler = field_of(cfg, "scheduler", dict, where, default={})
+    field_of(scheduler, "type", str, f"{where}: scheduler", default=None)
+    sched = field_of(scheduler, "params", dict, f"{where}: scheduler", default={})
+    if sched.get("total_num_steps") != "auto":
+        field_of(sched, "total_num_steps", float, f"{where}: scheduler params", low=1, default=None)
     if sched.get("total_num_steps") == "auto":
         sched["total_num_steps"] = max_steps
     cfg.setdefault("gradient_accumulation_steps", 1)

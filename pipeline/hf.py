@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.files import fsync_dir, fsync_tree
 
+from .errors import UserError, writing
 from .model import TIED_DECODER, TIED_DECODER_BIAS, WORD_EMBEDDINGS, BertConfig, BertForMLM, is_gate
 from .prune import prune_state_dict
 
@@ -39,12 +40,29 @@ def hf_config_dict(c: BertConfig) -> dict:
     return d
 
 
+def _first_line(e: Exception) -> str:
+    """An error's message without the C++ frames or the explanations torch appends."""
+    return (str(e).splitlines() or [""])[0][:200]
+
+
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / "model.safetensors").exists():
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").exists():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    """The weights in DIRECTORY; a file that does not hold a state dict: UserError naming it."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            if name == "model.safetensors":
+                sd = load_file(str(path))
+            else:  # weights_only: tensors and plain containers, never arbitrary objects
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # safetensors, the unpickler and zip each raise their own errors for a foreign file
+            raise UserError(f"{path}: not readable weights ({type(e).__name__}: {_first_line(e)})") from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise UserError(f"{path}: does not hold a state dict (names to tensors)")
+        return sd
+    raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
 def load_pretrained(directory: Path | str, **overrides) -> BertForMLM:
@@ -52,22 +70,30 @@ def load_pretrained(directory: Path | str, **overrides) -> BertForMLM:
     A missing MLM head is freshly initialised."""
     directory = Path(directory)
     config = BertConfig.from_json(directory / "config.json", **overrides)
-    model = BertForMLM(config)
-    theirs = read_state_dict(directory)
-    ours = model.state_dict()
-    mapped = {}
-    for k, v in theirs.items():
-        name = k if k.startswith(("bert.", "cls.")) else "bert." + k
-        if name in ours:
-            mapped[name] = v
+    theirs = {k if k.startswith(("bert.", "cls.")) else "bert." + k: v
+              for k, v in read_state_dict(directory).items()}
+    layers = {k.split(".")[3] for k in theirs if k.startswith("bert.encoder.layer.") and k.count(".") > 3}
+    if config.num_layers > len(layers):
+        raise UserError(f"{directory}: config.json has {config.num_layers} layers, the weights {len(layers)}")
+    try:  # the shapes the config implies, before memory is spent on them
+        with torch.device("meta"):
+            ours = BertForMLM(config).state_dict()
+    except (RuntimeError, TypeError, OverflowError) as e:  # sizes past int64: torch's "Storage size
+        # calculation overflowed" (RuntimeError) or "Overflow when unpacking long" (TypeError)
+        raise UserError(f"{directory / 'config.json'}: sizes no tensor can hold "
+                        f"({_first_line(e)})") from None
+    mapped = {name: v for name, v in theirs.items() if name in ours}
     missing = [k for k in ours if k not in mapped and not k.startswith("cls.") and not is_gate(k)]
     if missing:
-        raise ValueError(f"{directory}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise UserError(f"{directory}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for k, v in mapped.items():
         if v.shape != ours[k].shape:
-            raise ValueError(f"{directory}: {k} has shape {tuple(v.shape)}, the config says {tuple(ours[k].shape)}")
+            raise UserError(f"{directory}: {k} has shape {tuple(v.shape)}, the config says {tuple(ours[k].shape)}")
+        if v.dtype.is_complex:
+            raise UserError(f"{directory}: {k} is {v.dtype}, expected real numbers")
     if TIED_DECODER not in mapped:
         mapped[TIED_DECODER] = mapped[WORD_EMBEDDINGS]
+    model = BertForMLM(config)
     model.load_state_dict(mapped, strict=False)
     return model
 
@@ -86,23 +112,24 @@ def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
     temporary directory renamed into place."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     sd = state_dict if state_dict is not None else folded_state_dict(model)
     # safetensors refuses shared storage: the decoder weight is tied to the word embeddings.
     sd = {k: v.contiguous() for k, v in sd.items() if k not in (TIED_DECODER, TIED_DECODER_BIAS)}
-    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config_dict(model.config)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if config["model_type"] == "earlybert":
-        shutil.copy2(Path(__file__).with_name("modeling_earlybert.py"), tmp / "modeling_earlybert.py")
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-    for name, obj in (extra or {}).items():
-        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-    fsync_tree(tmp)
+    with writing(out, partial=[tmp]):  # out of space: the partial copy goes, OUT stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = hf_config_dict(model.config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if config["model_type"] == "earlybert":
+            shutil.copy2(Path(__file__).with_name("modeling_earlybert.py"), tmp / "modeling_earlybert.py")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).exists():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        fsync_tree(tmp)
     # The previous OUT is moved aside, not deleted, until the new one is in place: a kill between
     # the two renames leaves both complete copies on disk (OUT.old and OUT.tmp).
     old = out.with_name(out.name + ".old")

@@ -12,7 +12,6 @@ none, so it needs attention dropout 0, as ModernBERT trains).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_prep.reader import cu_seqlens
+from pipeline.errors import UserError
+from pipeline.settings import field_of, int_list, json_kind, json_object
 
 PRESETS = {  # layers, hidden, heads (FFN = 4 x hidden)
     "bert-tiny": (2, 128, 2), "bert-mini": (4, 256, 4), "bert-small": (4, 512, 8),
@@ -61,6 +62,23 @@ _LAYER_PARTS = {
 }
 
 
+# A model config file's fields: the JSON type of each (float: any finite number) and its range.
+_FIELDS = {"vocab_size": int, "hidden_size": int, "head_size": int, "max_position_embeddings": int,
+           "type_vocab_size": int, "layer_norm_eps": float, "dropout": float, "attention_dropout": float,
+           "initializer_range": float, "gates": bool}
+_HF_FIELDS = {"num_hidden_layers": int, "hidden_size": int, "num_attention_heads": int, "vocab_size": int,
+              "intermediate_size": int, "max_position_embeddings": int, "type_vocab_size": int,
+              "layer_norm_eps": float, "hidden_dropout_prob": float, "attention_probs_dropout_prob": float,
+              "initializer_range": float}
+MAX_LAYERS = 10_000
+_LIMITS = {**{k: {"low": 1} for k in ("vocab_size", "hidden_size", "head_size", "max_position_embeddings",
+                                      "type_vocab_size", "num_attention_heads", "intermediate_size")},
+           "num_hidden_layers": {"low": 1, "high": MAX_LAYERS},
+           **{k: {"low": 0, "high": 1} for k in ("dropout", "attention_dropout", "hidden_dropout_prob",
+                                                 "attention_probs_dropout_prob")},
+           **{k: {"low": 0} for k in ("layer_norm_eps", "initializer_range")}}
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -88,9 +106,23 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: Path | str, **kw) -> "BertConfig":
-        """Our own format (per-layer `heads` and `ffn` lists), or a Hugging Face BERT config."""
-        d = json.loads(Path(path).read_text())
+        """Our own format (per-layer `heads` and `ffn` lists), or a Hugging Face BERT config.
+        Bad content (not JSON, a field missing, of the wrong type or out of range): UserError
+        naming the file. `kw` (the flags' overrides) are applied after the checks."""
+        return cls.from_dict(json_object(path), str(path), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model config", **kw) -> "BertConfig":
+        """from_json's reading of a JSON object (e.g. RUN/run.json's `model`), checked; errors
+        name `where`."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: holds {json_kind(d)}, expected a JSON object")
         if "num_hidden_layers" in d:  # Hugging Face BertConfig
+            for key, kind in _HF_FIELDS.items():
+                field_of(d, key, kind, where, **_LIMITS.get(key, {}))
+            for key in ("earlybert_heads", "earlybert_ffn"):
+                int_list(d, key, where, low=1, default=None)
+            field_of(d, "earlybert_head_size", int, where, default=None, low=1)
             n, hidden, h = d["num_hidden_layers"], d["hidden_size"], d["num_attention_heads"]
             d = {"vocab_size": d["vocab_size"], "hidden_size": hidden,
                  "heads": d.get("earlybert_heads", [h] * n),
@@ -104,10 +136,16 @@ class BertConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"{path}: unknown model config fields {sorted(unknown)}")
-        d.update(kw)
-        cfg = cls(**d)
-        cfg.check(str(path))
+            raise UserError(f"{where}: unknown model config fields {sorted(unknown)}")
+        for key, kind in _FIELDS.items():
+            field_of(d, key, kind, where, default=None, **_LIMITS.get(key, {}))
+        for key in ("heads", "ffn"):
+            int_list(d, key, where, low=1, default=None)
+        cfg = cls(**{**d, **kw})
+        try:
+            cfg.check(where)
+        except ValueError as e:  # heads and ffn of different lengths
+            raise UserError(str(e)) from None
         return cfg
 
     def check(self, where: str = "model config") -> None:

@@ -65,12 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def with_flags(search: SearchRecord, a: argparse.Namespace) -> SearchRecord:
-    """RUN/search.json's settings with the monitor's flags over them, checked."""
+def with_flags(search: SearchRecord, a: argparse.Namespace, where: str | None = None) -> SearchRecord:
+    """RUN/search.json's settings with the monitor's flags over them, checked (`where`: the file,
+    named in the error)."""
     given = {field: getattr(a, flag) for flag, field in OVERRIDES.items() if getattr(a, flag) is not None}
     settings = dataclasses.replace(search.settings, **given)
-    settings.check()
-    settings.check_model(search.heads)
+    try:
+        settings.check()
+        settings.check_model(search.heads)
+    except UserError as e:
+        raise UserError(f"{where} with the flags given: {e}" if where else str(e)) from None
     return SearchRecord(settings, search.heads, search.ffn)
 
 
@@ -108,10 +112,8 @@ class Monitor:
 
     def process(self, step: int, path: Path) -> None:
         st = path.stat()
-        heads_g, ffn_g = self.run.read_snapshot(path, len(self.heads_n))
+        heads_g, ffn_g = self.run.read_snapshot(path, len(self.heads_n), (self.heads_n, self.ffn_n))
         self.seen_files[step] = (st.st_ino, st.st_mtime_ns)
-        if [len(h) for h in heads_g] != self.heads_n or [len(f) for f in ffn_g] != self.ffn_n:
-            raise UserError(f"{path}: gate shapes do not match the run's model")
         heads, ffn = draw_masks(heads_g, ffn_g, self.prune_heads, self.prune_ffn, self.ffn_multiple)
         reason, d = self.rule.update(step, heads, ffn)
         row = {"step": step,
@@ -248,6 +250,19 @@ class Monitor:
             self.wandb.finish()
 
 
+def settled(run: RunDir, ticket: int | None) -> bool:
+    """Whether the ticket is one no resume can discard: a checkpoint of its step or later holds it.
+    A ticket past the last checkpoint may belong to a trajectory the next launch drops (with the
+    snapshots after that checkpoint): the monitor watches on, and starts over when it goes."""
+    if ticket is None:
+        return False
+    try:
+        latest = run.latest_checkpoint()
+    except UserError:  # latest.json damaged: the trainer reports it; keep watching
+        return False
+    return latest is not None and latest["step"] >= ticket
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     a = parse_args(argv)
@@ -257,7 +272,7 @@ def main(argv=None) -> int:
             print(f"monitor: {run.path}: {why}; nothing to watch", file=sys.stderr)
             return 0
         time.sleep(a.poll)  # the trainer has not started its search yet
-    m = Monitor(run, with_flags(search, a))
+    m = Monitor(run, with_flags(search, a, str(run.search_json)))
     try:
         m.start_wandb()
         while True:
@@ -275,13 +290,13 @@ def main(argv=None) -> int:
                     break
             if ticket is None:  # written once: only a missing ticket needs another look
                 ticket = run.ticket_step()
-            why = run.left_search() or (f"the ticket of step {ticket} is drawn" if ticket is not None else None)
+            why = run.left_search() or (f"the ticket of step {ticket} is drawn" if settled(run, ticket) else None)
             if new or why:
                 m.write_record(ticket)
                 m.log_wandb(m.rows[-len(new):] if new else [], ticket)
             if why:
-                # The trainer writes a snapshot before it looks for a ticket, so every snapshot up
-                # to the ticket's step is on disk by now.
+                # The trainer writes a snapshot before it looks for a ticket, and checkpoints before
+                # it prunes, so every snapshot up to the ticket's step is on disk by now.
                 print(f"monitor: {why}; stopping", file=sys.stderr, flush=True)
                 return 0
             time.sleep(a.poll)

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.files import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
-from pipeline.errors import UserError, exit_on_user_error
-from pipeline.settings import SearchSettings
+from pipeline.errors import UserError, exit_on_user_error, writing
+from pipeline.settings import SearchSettings, check_value, field_of, int_list, json_object
 
 
 @dataclass
@@ -55,8 +55,12 @@ class TrainState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainState":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+    def from_dict(cls, d: dict, where: str = "trainer state") -> "TrainState":
+        """Its fields from `d` (a missing one keeps its default); UserError naming `where` when
+        one is of the wrong type or negative."""
+        check_value(d, dict, where)
+        return cls(**{f.name: field_of(d, f.name, float if isinstance(f.default, float) else int, where, low=0)
+                      for f in dataclasses.fields(cls) if f.name in d})
 
 
 @dataclass
@@ -92,15 +96,17 @@ class RunDir:
 
     # -- JSON files
     def _read(self, path: Path) -> dict | None:
+        """The JSON object in `path`, None when there is no file; UserError naming it otherwise."""
         if not path.exists():
             return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError as e:
-            raise UserError(f"{path}: not valid JSON ({e})")
+        return json_object(path)
 
     def read_identity(self) -> dict | None:
-        return self._read(self.run_json)
+        spec = self._read(self.run_json)
+        if spec is not None:  # what a launch reads from it; the rest is only compared
+            field_of(spec, "model", dict, str(self.run_json))
+            field_of(spec, "search", (dict, None), str(self.run_json), default=None)
+        return spec
 
     def write_identity(self, identity: dict) -> None:
         atomic_write_json(self.run_json, identity)
@@ -109,7 +115,10 @@ class RunDir:
         """Names this run in its ticket, so a ticket from another run is refused."""
         if not self.run_json.exists():
             return None
-        return hashlib.sha256(self.run_json.read_bytes()).hexdigest()[:16]
+        try:
+            return hashlib.sha256(self.run_json.read_bytes()).hexdigest()[:16]
+        except OSError as e:
+            raise UserError(f"{self.run_json}: cannot be read ({e.strerror or e})") from None
 
     def searches(self) -> bool | None:
         """Whether the recorded run trains a gated model (None: no run.json yet)."""
@@ -120,23 +129,37 @@ class RunDir:
         d = self._read(self.search_json)
         if d is None:
             return None
-        settings = SearchSettings.from_record(d, str(self.search_json))
+        where = str(self.search_json)
+        settings = SearchSettings.from_record(d, where)
+        heads, ffn = int_list(d, "heads", where, low=1), int_list(d, "ffn", where, low=1)
+        if len(heads) != len(ffn):
+            raise UserError(f"{where}: {len(heads)} layers of heads, {len(ffn)} of FFN widths")
+        try:
+            settings.check_model(heads)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         present = tuple(k for k in settings.to_record() if k in SearchSettings.legacy_names(d))
-        return SearchRecord(settings, list(d["heads"]), list(d["ffn"]), present)
+        return SearchRecord(settings, list(heads), list(ffn), present)
 
     def write_search(self, record: SearchRecord) -> None:
         atomic_write_json(self.search_json, {**record.settings.to_record(), "heads": record.heads,
                                              "ffn": record.ffn})
 
     def read_wandb(self) -> dict | None:
-        return self._read(self.wandb_json)
+        info = self._read(self.wandb_json)
+        if info is not None:
+            for key in ("id", "project", "group"):
+                field_of(info, key, str, str(self.wandb_json))
+            for key in ("entity", "mode"):
+                field_of(info, key, (str, None), str(self.wandb_json))
+        return info
 
     def write_wandb(self, info: dict) -> None:
         atomic_write_json(self.wandb_json, info)
 
     def finished_step(self) -> int | None:
         done = self._read(self.finished_json)
-        return done["step"] if done else None
+        return None if done is None else field_of(done, "step", int, str(self.finished_json), low=0)
 
     def write_finished(self, step: int) -> None:
         atomic_write_json(self.finished_json, {"step": step})
@@ -150,8 +173,16 @@ class RunDir:
 
     def read_pruned_state(self) -> dict:
         """RUN/pruned/trainer_state.json: the ticket and the TrainState the efficient stage starts from."""
+        where = str(self.pruned_state)
         info = self._read(self.pruned_state)
-        return {**info, "state": TrainState.from_dict(info["state"])}
+        if info is None:
+            raise UserError(f"{where}: missing")
+        field_of(info, "state", dict, where)
+        field_of(info, "ticket_step", int, where, low=0)
+        field_of(info, "reason", str, where)
+        for key in ("source", "ticket", "weights"):  # ticket and weights: not in the oldest runs'
+            field_of(info, key, (str, None), where, default=None)
+        return {**info, "state": TrainState.from_dict(info["state"], f"{where}: field 'state'")}
 
     def stage(self) -> str:
         """The launch that comes next: new (nothing yet), search (the first stage goes on: the
@@ -177,6 +208,11 @@ class RunDir:
         info = self._read(self.latest)
         if info is None:
             return None
+        tag = field_of(info, "tag", str, str(self.latest))
+        if tag in ("", ".", "..") or Path(tag).name != tag or "\0" in tag:
+            raise UserError(f"{self.latest}: tag {tag!r} is not a checkpoint's name")
+        field_of(info, "step", int, str(self.latest), low=0)
+        field_of(info, "phase", (str, None), str(self.latest), default=None)
         if not (self.checkpoints / info["tag"]).is_dir():
             raise UserError(f"{self.latest} points at {info['tag']}, which is missing")
         return info
@@ -187,6 +223,9 @@ class RunDir:
         good checkpoint is never deleted before its replacement is in place: a step checkpointed
         again (the step a launch resumed from) gets the tag step-N.K. Returns the tag."""
         src = self.checkpoints / tmp_tag
+        if self.metrics.exists():  # the rows up to this step outlive a power loss, as it does
+            with open(self.metrics, "rb") as f:
+                os.fsync(f.fileno())
         final, k = tag, 0
         while (self.checkpoints / final).exists():
             k += 1
@@ -217,17 +256,29 @@ class RunDir:
         return [row for _, row in self._metric_lines()]
 
     def _metric_lines(self) -> list[tuple[str, dict]]:
+        """(line, row) per logged row. A line that is not JSON is skipped (one cut short by a
+        kill); one that is JSON but not a row (an object, its step an integer) is bad input."""
         rows = []
-        if self.metrics.exists():
-            for line in self.metrics.read_text().splitlines():
-                try:
-                    rows.append((line, json.loads(line)))
-                except ValueError:
-                    continue  # a line cut short by a kill
+        if not self.metrics.exists():
+            return rows
+        try:
+            data = self.metrics.read_bytes()
+        except OSError as e:
+            raise UserError(f"{self.metrics}: cannot be read ({e.strerror or e})") from None
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            try:
+                line = raw.decode()
+                row = json.loads(line)
+            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                continue  # a line cut short by a kill
+            check_value(row, dict, f"{self.metrics}: line {n}")
+            field_of(row, "step", int, f"{self.metrics}: line {n}", default=0)
+            rows.append((line, row))
         return rows
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.metrics, "a") as f:
+        # Out of space mid-line: readers skip a torn last line, and a relaunch rewrites the file.
+        with writing(self.metrics), open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
@@ -246,11 +297,13 @@ class RunDir:
         tmp = self.gates / f".{path.name}.tmp{os.getpid()}"
         arrays = {f"heads_{i}": np.abs(h).astype(np.float32) for i, h in enumerate(heads)}
         arrays.update({f"ffn_{i}": np.abs(f).astype(np.float32) for i, f in enumerate(ffn)})
-        with open(tmp, "wb") as f:
-            np.savez(f, step=np.int64(step), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path, partial=[tmp]):
+            with open(tmp, "wb") as f:
+                np.savez(f, step=np.int64(step), **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(self.gates)  # a checkpoint after this step must not outlive the snapshot
         return path
 
     def snapshot_paths(self) -> list[tuple[int, Path]]:
@@ -263,13 +316,25 @@ class RunDir:
         return sorted(found)
 
     @staticmethod
-    def read_snapshot(path: Path, layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def read_snapshot(path: Path, layers: int, sizes: tuple[list[int], list[int]] | None = None
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """|gate| per layer, heads and FFN, as float64; `sizes`: the model's heads and FFN widths
+        per layer, which the snapshot must match."""
         try:
-            with np.load(path) as z:
-                heads = [z[f"heads_{i}"].astype(np.float64) for i in range(layers)]
-                ffn = [z[f"ffn_{i}"].astype(np.float64) for i in range(layers)]
-        except Exception as e:  # zipfile/pickle/key errors: a truncated or foreign file
+            with np.load(path, allow_pickle=False) as z:  # an object array is refused, never unpickled
+                arrays = [z[f"{part}_{i}"] for part in ("heads", "ffn") for i in range(layers)]
+        except Exception as e:  # zipfile/format/key errors, .npy instead of .npz: a truncated or foreign file
             raise UserError(f"{path}: not a readable gate snapshot of {layers} layers ({type(e).__name__}: {e})")
+        for a in arrays:
+            if a.ndim != 1 or a.dtype.kind not in "biuf" or not len(a):
+                raise UserError(f"{path}: not a gate snapshot: a {a.ndim}-d array of {a.shape} {a.dtype}, "
+                                "expected non-empty 1-d arrays of numbers")
+        heads = [a.astype(np.float64) for a in arrays[:layers]]
+        ffn = [a.astype(np.float64) for a in arrays[layers:]]
+        shape = [len(h) for h in heads], [len(f) for f in ffn]
+        if sizes is not None and shape != (list(sizes[0]), list(sizes[1])):
+            raise UserError(f"{path}: gate shapes do not match the run's model (heads {shape[0]}, FFN {shape[1]}; "
+                            f"the model's {list(sizes[0])}, {list(sizes[1])})")
         if any(not np.isfinite(g).all() for g in heads + ffn):
             raise UserError(f"{path}: the gate snapshot holds NaN or inf")
         return heads, ffn
@@ -279,27 +344,29 @@ class RunDir:
         """Writes RUN/ticket.json unless a ticket is already there (the monitor and the trainer's
         fallback may race); returns the record that is in place."""
         tmp = self.ticket.with_name(f".{self.ticket.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record) + "\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, self.ticket)  # atomic and exclusive: fails if a ticket exists
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        return json.loads(self.ticket.read_text())
+        with writing(self.ticket, partial=[tmp]):
+            tmp.write_text(json.dumps(record) + "\n")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.ticket)  # atomic and exclusive: fails if a ticket exists
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+            fsync_dir(self.path)
+        return json_object(self.ticket)
 
     def put_ticket(self, record: dict) -> None:
         """The trainer's ticket: kept if RUN/ticket.json already holds the same one (the monitor,
         applying the same rule to the same snapshot, may have written it first); otherwise it
         replaces what is there (a ticket from a monitor run with other settings), atomically."""
         try:
-            there = json.loads(self.ticket.read_text())
-            if [there.get(k) for k in ("step", "heads", "ffn")] == [record[k] for k in ("step", "heads", "ffn")]:
-                return
-        except (OSError, ValueError):
-            pass
+            there = json_object(self.ticket) if self.ticket.exists() else {}
+        except UserError:
+            there = {}  # unreadable: replaced
+        if [there.get(k) for k in ("step", "heads", "ffn")] == [record[k] for k in ("step", "heads", "ffn")]:
+            return
         atomic_write_bytes(self.ticket, (json.dumps(record) + "\n").encode())
 
     def discard_after(self, step: int) -> None:
@@ -317,20 +384,27 @@ class RunDir:
         """The ticket's step, or None when there is none or it cannot be read (the trainer reports
         a broken ticket; the monitor only marks the step)."""
         try:
-            return int(json.loads(self.ticket.read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return field_of(json_object(self.ticket), "step", int, str(self.ticket), low=0)
+        except UserError:
             return None
 
     def read_ticket(self, heads: list[int], ffn: list[int]) -> dict:
         """Loads and checks the ticket against this run (fingerprint) and the model's shape."""
         path, run = self.ticket, self.fingerprint()
-        try:
-            t = json.loads(path.read_text())
-            masks_h = [np.asarray(h, dtype=int).astype(bool) for h in t["heads"]]
-            masks_f = [np.asarray(f, dtype=int).astype(bool) for f in t["ffn"]]
-            step, reason, owner = int(t["step"]), str(t["reason"]), t["run"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: not a valid ticket ({type(e).__name__}: {e})")
+        where = f"{path}: not a valid ticket"
+        t = json_object(path, where)
+        step, reason = field_of(t, "step", int, where, low=0), field_of(t, "reason", str, where)
+        owner = field_of(t, "run", (str, None), where)
+        field_of(t, "source", (str, None), where, default=None)  # kept in RUN/pruned/trainer_state.json
+        masks = {}
+        for part in ("heads", "ffn"):
+            layers = field_of(t, part, list, where)
+            for i, mask in enumerate(layers):
+                check_value(mask, list, f"{where}: {part} of layer {i}")
+                if not all(type(x) in (int, bool) and x in (0, 1) for x in mask):
+                    raise UserError(f"{where}: {part} of layer {i} is not a list of 0 and 1")
+            masks[part] = [np.array(m, dtype=bool) for m in layers]
+        masks_h, masks_f = masks["heads"], masks["ffn"]
         if owner != run:
             raise UserError(f"{path}: the ticket belongs to another run ({owner}, this run is {run})")
         if [len(h) for h in masks_h] != list(heads) or [len(f) for f in masks_f] != list(ffn):

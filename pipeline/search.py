@@ -116,7 +116,7 @@ class Search:
         """Rank 0: the rule on snapshot `path` as written (the values the monitor reads), added to
         the history; (reason, source) when it fires."""
         config = self.engine.module.config
-        heads_g, ffn_g = self.run.read_snapshot(path, config.num_layers)
+        heads_g, ffn_g = self.run.read_snapshot(path, config.num_layers, (config.heads, config.ffn))
         heads, ffn = draw_masks(heads_g, ffn_g, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
         reason, _ = self.rule.update(step, heads, ffn)
         return None if reason is None else (reason, "trainer")

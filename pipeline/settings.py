@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +35,102 @@ def _at_least(name: str, value, low) -> None:
 def _fraction(name: str, value) -> None:
     if value is not None and not 0.0 <= value < 1.0:
         raise UserError(f"--{name} {value}: must be in [0, 1)")
+
+
+# ------------------------------------------------------------------ JSON files: typed reads
+
+INT64 = 2 ** 63  # an integer field must fit int64: numpy and torch hold every count and step in it
+_REQUIRED = object()
+_KIND_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "an integer",
+               float: "a number", None: "null"}
+
+
+def json_kind(value) -> str:
+    """How a JSON value is named in messages: 'a list', 'null', 'an integer' ..."""
+    return _KIND_NAMES.get(None if value is None else type(value), type(value).__name__)
+
+
+def read_json(path: Path | str, where: str | None = None):
+    """PATH's JSON value, or UserError prefixed with `where` (default: the path) when the file
+    cannot be read, is not UTF-8 (or UTF-16/32) text, is not JSON or nests deeper than the parser."""
+    where = where or str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{where}: cannot be read ({e.strerror or e})") from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def json_object(path: Path | str, where: str | None = None) -> dict:
+    """read_json, which must give a JSON object."""
+    where = where or str(path)
+    d = read_json(path, where)
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: holds {json_kind(d)}, expected a JSON object")
+    return d
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_value(value, kinds, what: str, low=None, high=None, choices=None):
+    """`value` (called `what` in messages) must be one of `kinds`: dict, list, str, bool, int
+    (not a bool, within int64), float (any finite number, integers too) or None (null); numbers
+    within [low, high], strings among `choices`. Returns it unchanged."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    ok = False
+    for k in kinds:
+        if k is None:
+            ok = value is None
+        elif k is int or k is float:
+            ok = isinstance(value, (int, float) if k is float else int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, k)
+        if ok:
+            break
+    if not ok:
+        raise UserError(f"{what} is {json_kind(value)}, expected {' or '.join(_KIND_NAMES[k] for k in kinds)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{what} is {value}, expected a finite number")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if int in kinds and not -INT64 <= value < INT64:
+            raise UserError(f"{what} is {_short(value)}, out of range")
+        if float in kinds and abs(value) > 2 ** 1000:  # where a float is taken, it must convert
+            raise UserError(f"{what} is {_short(value)}, out of range")
+    if low is not None and isinstance(value, (int, float)) and value < low:
+        raise UserError(f"{what} is {value}, must be at least {low}")
+    if high is not None and isinstance(value, (int, float)) and value > high:
+        raise UserError(f"{what} is {value}, must be at most {high}")
+    if choices is not None and value not in choices:
+        raise UserError(f"{what} is {_short(value)}, expected one of {', '.join(map(str, choices))}")
+    return value
+
+
+def field_of(d: dict, key: str, kinds, where: str, default=_REQUIRED, **limits):
+    """d[key] checked by check_value (messages: "WHERE: field 'KEY' is a list, expected ...");
+    a missing key gives `default`, or UserError when there is none."""
+    if key not in d:
+        if default is _REQUIRED:
+            raise UserError(f"{where}: field {key!r} is missing")
+        return default
+    return check_value(d[key], kinds, f"{where}: field {key!r}", **limits)
+
+
+def int_list(d: dict, key: str, where: str, low=None, default=_REQUIRED) -> list[int]:
+    """d[key]: a non-empty list of integers, each at least `low`."""
+    items = field_of(d, key, list, where, default=default)
+    if items is default and key not in d:
+        return items
+    if not items:
+        raise UserError(f"{where}: field {key!r} is an empty list")
+    for i, v in enumerate(items):
+        check_value(v, int, f"{where}: field {key!r} item {i}", low=low)
+    return items
 
 
 @dataclass
@@ -95,8 +193,18 @@ class SearchSettings:
         """From RUN/search.json. A file written before a setting existed gets the value that
         reproduces what that run did: ffn_multiple 1 (free widths), and the older names min_steps
         and max_steps for the search's bounds."""
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: holds {json_kind(record)}, expected a JSON object")
         values = cls.legacy_names(record)
         values.setdefault("ffn_multiple", 1)
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            # The field's type (int | None: null allowed); a record's ffn_multiple is the resolved one.
+            hint = int if f.name == "ffn_multiple" else hints[f.name]
+            kinds = tuple(None if a is type(None) else a for a in typing.get_args(hint)) or hint
+            check_value(values[f.name], kinds, f"{where}: field {f.name!r}", choices=f.metadata.get("choices"))
         try:
             s = cls(**values)
             s.check()

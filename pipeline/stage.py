@@ -38,14 +38,14 @@ class Start:
             else TrainState()
 
 
-def resolve_ffn_multiple(flag: int | None, began: SearchSettings | None) -> int:
+def resolve_ffn_multiple(flag: int | None, began: SearchSettings | None, where: str = "RUN/search.json") -> int:
     """A search keeps the FFN multiple it began with (RUN/search.json; one written before the flag
     existed means 1), so a resumed run and a restarted monitor draw the same ticket."""
     if began is None:
         return DEFAULT_FFN_MULTIPLE if flag is None else flag
     if flag is not None and flag != began.ffn_multiple:
         raise UserError(f"--ffn_multiple {flag}: this run's search began with {began.ffn_multiple} "
-                        "(RUN/search.json); leave the flag out or use a new --run_dir")
+                        f"({where}); leave the flag out or use a new --run_dir")
     return began.ffn_multiple
 
 
@@ -58,7 +58,8 @@ def locate(run: RunDir, settings: TrainSettings, search: SearchSettings) -> Star
         phase = Phase.EFFICIENT if run.pruned_ready() else Phase.SEARCH
     began = run.read_search() if run.read_identity() is not None else None
     search = replace(search, ffn_multiple=resolve_ffn_multiple(search.ffn_multiple,
-                                                               began.settings if began else None))
+                                                               began.settings if began else None,
+                                                               str(run.search_json)))
     checkpoint = run.latest_checkpoint()
     if checkpoint is not None and phase == Phase.EFFICIENT and checkpoint.get("phase") != Phase.EFFICIENT:
         checkpoint = None  # the dense model's checkpoint: the efficient stage starts from RUN/pruned

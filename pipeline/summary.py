@@ -28,7 +28,7 @@ def summarise(run: RunDir) -> dict:
     spec = run.read_identity()
     if spec is None:
         raise UserError(f"{run.path}: no run.json (has the trainer started?)")
-    dense = BertConfig(**spec["model"])
+    dense = BertConfig.from_dict(spec["model"], f"{run.run_json}: field 'model'")
     rows = run.read_metrics()
     out = {"run_dir": str(run.path), "finished": run.finished_step(),
            "parameters_dense": parameters(dense), "heads_dense": dense.heads, "ffn_dense": dense.ffn}

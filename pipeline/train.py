@@ -21,7 +21,8 @@ checkpoints at the next step boundary and exits 75.
 Exit codes: 0 done (or already finished); 2 bad input (nothing in RUN touched); 3 the loss
 became NaN/inf (a checkpoint of the last good state was written), or non-finite gradients reached
 the weights or were skipped MAX_NONFINITE_SKIPS times in a row (no checkpoint of NaN weights is
-ever written: latest.json keeps the last good one); 75 stopped on SIGTERM/SIGUSR1
+ever written: latest.json keeps the last good one); 74 no space left on device (the partial write
+removed, the last good copy kept: free space and run the same command again); 75 stopped on SIGTERM/SIGUSR1
 or --max_time after a checkpoint; 76 the ticket is drawn and RUN/pruned/ written. After 75 and
 76, run the same command again to continue.
 """
@@ -44,7 +45,7 @@ from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
 from pipeline.dist import Comm
 from pipeline.engine import (build_model, check_data, full_weights, load_ds_config, load_pruned, make_engine,
                              run_identity, setup_distributed, training_dtype, weights_finite)
-from pipeline.errors import UserError, exit_on_user_error
+from pipeline.errors import UserError, exit_on_user_error, writing
 from pipeline.hf import export, folded_state_dict
 from pipeline.loader import Prefetcher, to_device
 from pipeline.metrics import Metrics
@@ -156,7 +157,7 @@ class Trainer:
         state = start.initial_state()
         if start.checkpoint is not None:
             _, client = self.engine.load_checkpoint(str(run.checkpoints), tag=start.checkpoint["tag"])
-            state = TrainState.from_dict(client["trainer"])
+            state = TrainState.from_dict(client.get("trainer"), f"{run.checkpoints / start.checkpoint['tag']}: trainer state")
             self.log(f"resumed from {start.checkpoint['tag']} (step {state.step}, {state.consumed} samples)")
         elif start.pruned is not None:
             c = self.engine.module.config
@@ -390,11 +391,14 @@ class Trainer:
                                    "gradient was applied)")
         tag = f"step-{state.step:07d}"
         tmp = "tmp-" + tag
-        self.engine.save_checkpoint(str(self.run.checkpoints), tag=tmp,
-                                    client_state={"trainer": state.to_dict()}, save_latest=False)
+        partial = self.run.checkpoints / tmp  # out of space: removed, latest.json's stays
+        with writing(partial, partial=[partial]):
+            self.engine.save_checkpoint(str(self.run.checkpoints), tag=tmp,
+                                        client_state={"trainer": state.to_dict()}, save_latest=False)
         self.comm.barrier()
         if self.rank == 0:
-            self.run.publish_checkpoint(tmp, tag, state.step, self.s.keep_checkpoints, self.phase)
+            with writing(self.run.checkpoints / tag, partial=[partial]):
+                self.run.publish_checkpoint(tmp, tag, state.step, self.s.keep_checkpoints, self.phase)
         self.comm.barrier()
 
     def export(self, step: int) -> None:

@@ -33,7 +33,9 @@ def make_run(path: Path, snapshots: range, wandb_id: str | None = None) -> RunDi
     return RunDir(path)
 
 
-def add_snapshots(path: Path, steps) -> None:
+def add_snapshots(path: Path, steps, checkpoint: bool = True) -> None:
+    """Snapshots of these steps, then (checkpoint) a checkpoint at the last one, as the trainer
+    leaves them: a ticket at a checkpointed step is one no resume discards."""
     base = np.random.default_rng(0)
     heads0 = [base.uniform(0.2, 1.0, n) for n in HEADS]
     ffn0 = [base.uniform(0.2, 1.0, n) for n in FFN]
@@ -42,6 +44,15 @@ def add_snapshots(path: Path, steps) -> None:
         amp = 1.5 * np.exp(-s / 25)
         RunDir(path).write_snapshot(s, [h + amp * rng.normal(size=len(h)) for h in heads0],
                        [f + amp * rng.normal(size=len(f)) for f in ffn0])
+    if checkpoint and steps:
+        checkpoint_at(path, max(steps))
+
+
+def checkpoint_at(path: Path, step: int) -> None:
+    """RUN/checkpoints/latest.json naming a checkpoint of `step` (its content is not read here)."""
+    tag = f"step-{step:07d}"
+    (path / "checkpoints" / tag).mkdir(parents=True, exist_ok=True)
+    (path / "checkpoints" / "latest.json").write_text(json.dumps({"tag": tag, "step": step, "phase": "search"}))
 
 
 def monitor(run: Path, *extra, **kw) -> subprocess.CompletedProcess:
@@ -89,6 +100,28 @@ def test_monitor_draws_the_ticket_and_a_restart_agrees(tmp_path):
     r = monitor(run.path)
     assert r.returncode == 0 and "is drawn" in r.stderr
     assert run.ticket.read_text() == ref.ticket.read_text()
+
+
+def test_monitor_watches_on_past_a_ticket_a_resume_may_discard(tmp_path):
+    """A relaunch finds the ticket and snapshots of a trajectory killed after its last checkpoint
+    (step 30): the monitor does not stop on that ticket; the trainer's resume drops them, trains
+    the steps again, and the monitor follows the new snapshots to the new ticket."""
+    ref = make_run(tmp_path / "ref", range(10, 310, 10))
+    assert monitor(ref.path).returncode == 0
+    t = json.loads(ref.ticket.read_text())["step"]
+    run = make_run(tmp_path / "run", range(10, t + 10, 10))
+    checkpoint_at(run.path, 30)
+    run.put_ticket(json.loads(ref.ticket.read_text()))  # the killed launch's ticket, past step 30
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.monitor", "--run_dir", str(run.path), "--poll", "0.05"],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    assert p.poll() is None  # still watching
+    run.discard_after(30)  # what the relaunched trainer's Search.begin does
+    add_snapshots(run.path, range(40, 310, 10))
+    assert p.wait(timeout=60) == 0, p.stderr.read()[-2000:]
+    assert "snapshots were replaced" in p.stderr.read()
+    assert run.ticket.read_text() == ref.ticket.read_text()
+    assert (run.earlybird / "distances.jsonl").read_text() == (ref.earlybird / "distances.jsonl").read_text()
 
 
 def test_monitor_flags_override_the_trainer_settings(tmp_path):

@@ -262,8 +262,14 @@ def test_wandb_offline_run_id_survives_a_resume(tmp_path, small_data):
     cfg = ds_config(tmp_path, "cpu.json")
     run = tmp_path / "run"
     common = dict(wandb_project="earlybert-test", wandb_mode="offline")
-    r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=2, **common))
+    # A W&B key in the environment is never printed nor written to RUN.
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    r = subprocess.run([*train_cmd(1), *map(str, train_args(cfg, small_data, run, max_steps=2, **common))],
+                       cwd=ROOT, env=dict(env(), WANDB_API_KEY=secret), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert secret not in r.stdout + r.stderr
+    assert not [p for p, data in tree_bytes(run).items() if secret.encode() in data]
     run_id = json.loads((run / "wandb.json").read_text())["id"]
     r = run_train(train_cmd(1), *train_args(cfg, small_data, run, max_steps=4, **common))
     assert r.returncode == 0, r.stderr[-2000:]
