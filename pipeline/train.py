@@ -201,8 +201,7 @@ class Trainer:
                     return self.prune(state, ticket)
         finally:
             loader.close()
-        self.evaluate(state.step)
-        self.export(state.step)
+        self.export(state.step)  # a launch killed while exporting resumes here (evaluated already)
         return 0
 
     # -- the loop's parts
@@ -282,9 +281,11 @@ class Trainer:
         self.metrics.log(row)
 
     def after_step(self, step: int) -> bool:
-        """Snapshot and rule (searching), evaluation; returns whether the rule's ticket is due."""
+        """Snapshot and rule (searching), evaluation (every --eval_every steps and at the last);
+        returns whether the rule's ticket is due. Both come before the step's checkpoint, so a
+        resume from it does neither again."""
         due = self.search is not None and self.search.after_step(step)
-        if self.s.eval_every and step % self.s.eval_every == 0 and step < self.s.max_steps:
+        if self.s.eval_every and step % self.s.eval_every == 0 or step == self.s.max_steps:
             self.evaluate(step)
         return due
 
