@@ -9,18 +9,30 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from data_prep.files import fsync_dir, fsync_tree
 
 from .errors import UserError, writing
 from .model import TIED_DECODER, TIED_DECODER_BIAS, WORD_EMBEDDINGS, BertConfig, BertForMLM, is_gate
 from .prune import prune_state_dict
+from .settings import check_value, json_object
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+# A pruned export's auto_map: every transformers Auto class a BERT fine-tuning needs, each to its
+# class in modeling_earlybert.py (which registers the same table; a test keeps the two equal).
+AUTO_MAP = {auto: f"modeling_earlybert.EarlyBert{cls}" for auto, cls in (
+    ("AutoConfig", "Config"), ("AutoModel", "Model"), ("AutoModelForMaskedLM", "ForMaskedLM"),
+    ("AutoModelForSequenceClassification", "ForSequenceClassification"),
+    ("AutoModelForTokenClassification", "ForTokenClassification"),
+    ("AutoModelForQuestionAnswering", "ForQuestionAnswering"),
+    ("AutoModelForMultipleChoice", "ForMultipleChoice"))}
 
 
-def hf_config_dict(c: BertConfig) -> dict:
+def hf_config_dict(c: BertConfig, special_ids: dict[str, int] | None = None) -> dict:
+    """transformers' config.json for C: plain `bert` when every layer has the full size,
+    `earlybert` (with AUTO_MAP) when layers differ. special_ids: see special_token_ids."""
     uniform = len(set(c.heads)) == 1 and len(set(c.ffn)) == 1 and c.heads[0] * c.head_size == c.hidden_size
     d = {
         "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": c.vocab_size,
@@ -29,15 +41,46 @@ def hf_config_dict(c: BertConfig) -> dict:
         "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attention_dropout,
         "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size,
         "initializer_range": c.initializer_range, "layer_norm_eps": c.layer_norm_eps,
-        "pad_token_id": 0, "tie_word_embeddings": True,
+        "pad_token_id": 0, "tie_word_embeddings": True,  # pad 0: transformers' default, without a tokenizer
+        **(special_ids or {}),
     }
     if not uniform:  # per-layer sizes: pipeline/modeling_earlybert.py, shipped beside the weights
         d.update(model_type="earlybert", architectures=["EarlyBertForMaskedLM"],
                  num_attention_heads=c.hidden_size // c.head_size, intermediate_size=max(c.ffn),
                  earlybert_heads=list(c.heads), earlybert_ffn=list(c.ffn), earlybert_head_size=c.head_size,
-                 auto_map={"AutoConfig": "modeling_earlybert.EarlyBertConfig",
-                           "AutoModelForMaskedLM": "modeling_earlybert.EarlyBertForMaskedLM"})
+                 auto_map=dict(AUTO_MAP))
     return d
+
+
+def special_token_ids(tokenizer_dir: Path | str) -> dict[str, int]:
+    """The config fields transformers takes from the tokenizer (pad_token_id), read from the
+    tokenizer in TOKENIZER_DIR: its padding token (tokenizer_config.json or special_tokens_map.json,
+    else "[PAD]") looked up in tokenizer.json or vocab.txt."""
+    d = Path(tokenizer_dir)
+    pad = "[PAD]"
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
+        if (d / name).exists():
+            value = json_object(d / name).get("pad_token", pad)
+            value = value.get("content", pad) if isinstance(value, dict) else value
+            pad = check_value(value, str, f"{d / name}: field 'pad_token'")
+    if (d / "tokenizer.json").exists():
+        try:
+            pad_id = Tokenizer.from_file(str(d / "tokenizer.json")).token_to_id(pad)
+        except Exception as e:  # the tokenizers library raises its own exception type for a bad file
+            raise UserError(f"{d / 'tokenizer.json'}: not a tokenizer ({_first_line(e)})") from None
+        source = d / "tokenizer.json"
+    elif (d / "vocab.txt").exists():
+        try:
+            vocab = (d / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{d / 'vocab.txt'}: cannot be read ({e})") from None
+        pad_id = vocab.index(pad) if pad in vocab else None
+        source = d / "vocab.txt"
+    else:
+        raise UserError(f"{d}: no tokenizer.json or vocab.txt")
+    if pad_id is None:
+        raise UserError(f"{source}: the padding token {pad!r} is not in the vocabulary")
+    return {"pad_token_id": pad_id}
 
 
 def _first_line(e: Exception) -> str:
@@ -115,11 +158,11 @@ def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
     sd = state_dict if state_dict is not None else folded_state_dict(model)
     # safetensors refuses shared storage: the decoder weight is tied to the word embeddings.
     sd = {k: v.contiguous() for k, v in sd.items() if k not in (TIED_DECODER, TIED_DECODER_BIAS)}
+    config = hf_config_dict(model.config, None if tokenizer_dir is None else special_token_ids(tokenizer_dir))
     with writing(out, partial=[tmp]):  # out of space: the partial copy goes, OUT stays
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config_dict(model.config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if config["model_type"] == "earlybert":
             shutil.copy2(Path(__file__).with_name("modeling_earlybert.py"), tmp / "modeling_earlybert.py")
