@@ -137,7 +137,8 @@ def int_list(d: dict, key: str, where: str, low=None, default=_REQUIRED) -> list
 class SearchSettings:
     """The EarlyBERT search: what the trainer does while searching, the rule the monitor applies,
     the ticket drawn from it and how the efficient stage starts (see shared/EARLYBERT.md)."""
-    l1: float = setting(1e-4, "L1 coefficient on |gate|")
+    l1: float = setting(1e-4, "L1 coefficient on |gate|, applied once per optimizer step whatever the "
+                              "gradient accumulation")
     snapshot_every: int = setting(10, "steps between gate snapshots (RUN/gates/)")
     search_min_steps: int = setting(100, "the early-bird rule does not fire before this step")
     search_max_steps: int = setting(400, "no ticket by then: the trainer draws it from its own gates")

@@ -118,7 +118,10 @@ class Trainer:
         check_identity(self.run, self.recorded, self.identity, self.phase)
         if self.phase == Phase.EFFICIENT:
             model = load_pruned(s, self.run.pruned)
-        model.l1 = self.start.search.l1 / self.gas if self.phase == Phase.SEARCH else 0.0
+        # Each micro batch's loss carries the whole l1 x sum |gate|: DeepSpeed's backward divides
+        # every micro batch by the accumulation steps, so the step's gates see l1 once, whatever
+        # the accumulation (it used to be divided here as well: l1 / gas per step).
+        model.l1 = self.start.search.l1 if self.phase == Phase.SEARCH else 0.0
         self.engine = make_engine(model, s, self.ds_cfg, device)
         self.metrics = Metrics(self.run, rank)
         self.search = Search(self.engine, self.run, self.comm, rank, self.start.search, s.seed,

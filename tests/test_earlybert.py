@@ -224,3 +224,53 @@ def test_trainer_refuses_bad_tickets_and_flags(tmp_path, small_data):
         fresh = tmp_path / "fresh"
         r = run_train(train_cmd(1), *train_args(cfg, small_data, fresh, max_steps=2, **flags))
         assert r.returncode == 2 and needle in r.stderr and not fresh.exists(), r.stderr[-1000:]
+
+
+# Runs in a fresh process: the trainer's own step on one global batch of 8 (micro batch 8 x 1
+# accumulation step, or 4 x 2), its gate gradients read just before the optimizer applies them.
+GATE_GRADIENTS = r"""
+import json, sys, time, torch
+from pipeline import train
+from pipeline.engine import setup_distributed
+from pipeline.run_dir import TrainState
+out, args = sys.argv[1], json.loads(sys.argv[2])
+rank, world, device = setup_distributed()
+report = {}
+for name, argv in args.items():
+    t = train.Trainer(*train.parse_args(argv), rank, world, device)
+    engine, grads = t.engine, {}
+    step = engine.step
+    def read_then_step():
+        if engine.is_gradient_accumulation_boundary():
+            grads["g"] = torch.cat([g.grad.detach().flatten().clone() for g in engine.module.gates()])
+        step()
+    engine.step = read_then_step
+    loader = t.loader(TrainState())
+    t.step(TrainState(), loader, time.time(), time.time(), 0.0)
+    loader.close()
+    report[name] = grads["g"].tolist()
+json.dump(report, open(out, "w"))
+"""
+
+
+def test_l1_reaches_the_gates_once_whatever_the_accumulation(tmp_path, small_data):
+    """The L1 term's gradient on every gate (all at 1 before the first step) is --l1, with 1 and
+    with 2 accumulation steps at the same global batch: the MLM part is removed by the same step
+    with --l1 0."""
+    l1 = 0.01
+    args = {}
+    for micro, gas in ((8, 1), (4, 2)):
+        (tmp_path / f"gas{gas}").mkdir()
+        cfg = ds_config(tmp_path / f"gas{gas}", "cpu.json", train_micro_batch_size_per_gpu=micro,
+                        gradient_accumulation_steps=gas, zero_optimization={"stage": 0})
+        for coef in (l1, 0.0):
+            args[f"{gas}-{coef}"] = train_args(cfg, small_data, tmp_path / f"run-{gas}-{coef}", max_steps=10,
+                                               l1=coef, dropout=0, seed=3)
+    r = subprocess.run([sys.executable, "-c", GATE_GRADIENTS, str(tmp_path / "grads.json"), json.dumps(args)],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    g = {k: np.array(v) for k, v in json.loads((tmp_path / "grads.json").read_text()).items()}
+    for gas in (1, 2):
+        l1_part = g[f"{gas}-{l1}"] - g[f"{gas}-0.0"]
+        assert np.allclose(l1_part, l1, rtol=1e-3, atol=1e-7), (gas, l1_part.min(), l1_part.max())
+        assert np.abs(g[f"{gas}-0.0"]).max() > 1e-4  # the MLM part is there too (masks differ per micro batch)
