@@ -150,15 +150,17 @@ def folded_state_dict(model: BertForMLM, state_dict: dict | None = None) -> dict
 
 
 def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
-           state_dict: dict | None = None, extra: dict[str, dict] | None = None) -> None:
+           state_dict: dict | None = None, extra: dict[str, dict] | None = None, config: dict | None = None) -> None:
     """Writes OUT (model.safetensors, config.json, tokenizer, and `extra` JSON files) through a
-    temporary directory renamed into place."""
+    temporary directory renamed into place. config: config.json's content (default: the masked
+    LM's, hf_config_dict; a fine-tuned model gives its head's)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     sd = state_dict if state_dict is not None else folded_state_dict(model)
     # safetensors refuses shared storage: the decoder weight is tied to the word embeddings.
     sd = {k: v.contiguous() for k, v in sd.items() if k not in (TIED_DECODER, TIED_DECODER_BIAS)}
-    config = hf_config_dict(model.config, None if tokenizer_dir is None else special_token_ids(tokenizer_dir))
+    if config is None:
+        config = hf_config_dict(model.config, None if tokenizer_dir is None else special_token_ids(tokenizer_dir))
     with writing(out, partial=[tmp]):  # out of space: the partial copy goes, OUT stays
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -16,21 +16,26 @@ class Metrics:
         self.run, self.rank, self.wandb = run, rank, None
 
     def start_wandb(self, s: TrainSettings, search: SearchSettings, identity: dict) -> None:
-        if self.rank != 0 or s.wandb_project is None \
-                or (s.wandb_mode or os.environ.get("WANDB_MODE")) == "disabled":
+        config = {**vars(s), **search.to_record(), **identity, "deepspeed_config": str(s.deepspeed_config)}
+        self.start(s.wandb_project, s.wandb_entity, s.wandb_group, s.wandb_mode, config, "train", "earlybert")
+
+    def start(self, project: str | None, entity: str | None, group: str | None, mode: str | None, config: dict,
+              job_type: str, group_prefix: str) -> None:
+        """Joins (or starts) the W&B run recorded in RUN/wandb.json; nothing without a project,
+        on ranks other than 0, or in mode disabled."""
+        if self.rank != 0 or project is None or (mode or os.environ.get("WANDB_MODE")) == "disabled":
             return
         import wandb  # optional at run time: only a run that logs to W&B needs it
         info = self.run.read_wandb()
         if info is None:
             run_id = secrets.token_hex(6)
             # The monitor joins the trainer's group (the run id when none is given).
-            info = {"id": run_id, "project": s.wandb_project, "entity": s.wandb_entity,
-                    "group": s.wandb_group or f"earlybert-{run_id}", "mode": s.wandb_mode}
+            info = {"id": run_id, "project": project, "entity": entity,
+                    "group": group or f"{group_prefix}-{run_id}", "mode": mode}
             self.run.write_wandb(info)
-        config = {**vars(s), **search.to_record(), **identity, "deepspeed_config": str(s.deepspeed_config)}
         self.wandb = wandb.init(project=info["project"], group=info["group"], entity=info["entity"],
-                                mode=s.wandb_mode, id=info["id"], resume="allow", dir=str(self.run.path),
-                                job_type="train", config=config)
+                                mode=mode, id=info["id"], resume="allow", dir=str(self.run.path),
+                                job_type=job_type, config=config)
 
     def log(self, row: dict) -> None:
         if self.rank != 0:
@@ -38,7 +43,7 @@ class Metrics:
         self.run.append_metrics(row)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-        if "loss" in row:
+        if "loss" in row and "mfu" in row:
             print(f"step {row['step']:>6}  {row['phase']:<9}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                   f"{row.get('tokens_per_s', 0):,.0f} tok/s  mfu {row.get('mfu', 0):.1%}",
                   file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ none, so it needs attention dropout 0, as ModernBERT trains).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -167,6 +168,14 @@ def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
+def padding_mask(attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """sdpa's boolean mask [B, 1, 1, L] from transformers' attention_mask (1 = token, 0 =
+    padding); without one, every token attends to every other."""
+    if attention_mask is None:
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    return attention_mask[:, None, None, :].bool()
+
+
 def _varlen_kernel():
     """(function, supports dropout): flash-attn's varlen function, else torch's, else None."""
     try:
@@ -317,6 +326,16 @@ class Bert(nn.Module):
         self.embeddings = Embeddings(c)
         self.encoder = Encoder(c)
 
+    def layers(self, x, cu, mask):
+        """The embeddings X through every layer: hidden states and the sum of |gate| over layers
+        (None without gates); cu or mask says which tokens attend to which (BertForMLM._encode)."""
+        penalty = None
+        for layer in self.encoder.layer:
+            x, p = layer(x, cu, mask)
+            if p is not None:
+                penalty = p if penalty is None else penalty + p
+        return x, penalty
+
 
 class PredictionTransform(nn.Module):
     def __init__(self, c: BertConfig):
@@ -345,6 +364,18 @@ class MLMHead(nn.Module):
         self.predictions = Predictions(c)
 
 
+def init_weights(m: nn.Module, std: float) -> None:
+    """BERT's initialisation: normal(0, std) for linear and embedding weights, zero biases,
+    LayerNorm at identity (gates keep their 1)."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class BertForMLM(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -352,7 +383,7 @@ class BertForMLM(nn.Module):
         self.config = config
         self.bert = Bert(config)
         self.cls = MLMHead(config)
-        self.apply(self._init)
+        self.apply(partial(init_weights, std=config.initializer_range))
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
         self.l1 = 0.0  # EarlyBERT's L1 coefficient on |gate|, added to the training loss
         self.last_penalty = None  # sum of |gate| of the last forward (detached), for logging
@@ -370,37 +401,22 @@ class BertForMLM(nn.Module):
                              "(--attention_dropout 0) or install flash-attn")
         self.attention = impl
 
-    def _init(self, m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.config.initializer_range)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def encode(self, input_ids, segment_ids=None, attention_mask=None):
+    def encode(self, input_ids, segment_ids=None, attention_mask=None, token_type_ids=None):
         """Hidden states [B, L, H]. segment_ids keep attention inside each packed document;
-        without them, attention_mask (1 = token, 0 = padding) works as in transformers."""
-        return self._encode(input_ids, segment_ids, attention_mask, None)[0]
+        without them, attention_mask (1 = token, 0 = padding) works as in transformers.
+        token_type_ids: sentence A/B of a pair (fine-tuning); pre-training uses type 0."""
+        return self._encode(input_ids, segment_ids, attention_mask, None, token_type_ids)[0]
 
-    def _encode(self, input_ids, segment_ids, attention_mask, cu):
-        x = self.bert.embeddings(input_ids)
+    def _encode(self, input_ids, segment_ids, attention_mask, cu, token_type_ids=None):
+        x = self.bert.embeddings(input_ids, token_type_ids)
         mask = None
         if self.attention == "varlen" and VARLEN is not None and segment_ids is not None and _half_on_cuda(x):
             cu = cu_seqlens(segment_ids) if cu is None else cu.to(x.device, non_blocking=True)
         elif segment_ids is not None:
             mask = document_mask(segment_ids)
-        elif attention_mask is not None:
-            mask = attention_mask[:, None, None, :].bool()
         else:
-            mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
-        penalty = None
-        for layer in self.bert.encoder.layer:
-            x, p = layer(x, cu, mask)
-            if p is not None:
-                penalty = p if penalty is None else penalty + p
-        return x, penalty
+            mask = padding_mask(attention_mask, x.device)
+        return self.bert.layers(x, cu, mask)
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, labels=None, cu_seqlens=None,
                 mlm_index=None):

@@ -263,6 +263,55 @@ class TrainSettings:
         return over
 
 
+@dataclass
+class FinetuneSettings:
+    """`python -m pipeline.finetune`: a pre-trained model, a task, and how to fine-tune it (the
+    defaults are BERT's GLUE recipe: 3 epochs, lr 2e-5, batch 32, 10 % warm-up)."""
+    model: Path = setting(help="an export of this pipeline (dense or pruned) or a Hugging Face BERT directory "
+                               "(with its tokenizer)")
+    task: str = setting(help="glue:NAME, squad:v1, squad:v2, csv:PATH or jsonl:PATH")
+    out: Path = setting(help="the fine-tuning run directory (RUN): metrics, checkpoint, results.json, final/")
+    data_dir: Path | None = setting(None, "the task's files (GLUE's layout, SQuAD's JSON files)")
+    epochs: int = setting(3, "passes over the training set")
+    lr: float = setting(2e-5, "peak learning rate (AdamW)")
+    batch_size: int = setting(32, "examples per optimizer step, all processes together")
+    max_seq_len: int = setting(128, "tokens per example (longer ones are truncated; SQuAD: window length)")
+    doc_stride: int = setting(128, "SQuAD: tokens of overlap between a long context's windows")
+    seed: int = setting(0, "seeds the head's initialisation, the data order and dropout")
+    warmup: float = setting(0.1, "fraction of the steps with a linear warm-up (then linear decay to 0)")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    eval_batch_size: int = setting(64, "examples per evaluation batch")
+    text_fields: str | None = setting(None, "csv/jsonl: the text field, or two comma-separated for pairs")
+    label_field: str | None = setting(None, "csv/jsonl: the label field")
+    dev: Path | None = setting(None, "csv/jsonl: the dev file (same format)")
+    dev_fraction: float | None = setting(None, "csv/jsonl without --dev: a seeded fraction held out")
+    task_type: str | None = setting(None, "csv/jsonl: classification or regression (default: from the labels)",
+                                    choices=("classification", "regression"))
+    log_every: int = setting(10, "steps between metrics rows")
+    wandb_project: str | None = setting(None, "W&B project (none: no W&B)")
+    wandb_group: str | None = setting(None, "W&B group")
+    wandb_entity: str | None = setting(None, "W&B entity")
+    wandb_mode: str | None = setting(None, "W&B mode (default: $WANDB_MODE)", choices=("online", "offline", "disabled"))
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("max_seq_len", self.max_seq_len, 16)
+        _at_least("doc_stride", self.doc_stride, 1)
+        _fraction("warmup", self.warmup)
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}: must be > 0")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight_decay {self.weight_decay}: must be >= 0")
+        if self.dev_fraction is not None and not 0 < self.dev_fraction < 1:
+            raise UserError(f"--dev_fraction {self.dev_fraction}: must be in (0, 1)")
+
+    def identity(self) -> dict:
+        """What a rerun must match to continue RUN (the logging flags may change)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
+                if k not in ("out", "log_every", "eval_batch_size") and not k.startswith("wandb_")}
+
+
 # ------------------------------------------------------------------ command lines from the classes
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,

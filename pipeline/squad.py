@@ -24,10 +24,11 @@ class Features:
     offsets: list[list[tuple[int, int] | None]]  # per token: its characters in the context, None outside
 
 
-def featurize(examples: list[SquadExample], tokenizer, max_len: int = 384, stride: int = 128,
-              max_question: int = 64) -> Features:
-    """Windows of each context with its question (truncated to max_question tokens); `stride`
-    tokens of overlap between a context's windows. The labelled answer is the first gold one."""
+def featurize(examples: list[SquadExample], tokenizer, max_len: int = 384, stride: int = 128) -> Features:
+    """Windows of each context with its question (truncated to a quarter of the window, at most
+    64 tokens as in BERT's SQuAD recipe); `stride` tokens of overlap between a context's windows.
+    The labelled answer is the first gold one."""
+    max_question = min(64, max_len // 4)
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("SQuAD needs a fast tokenizer (tokenizer.json) for its offset mappings")
     if stride >= max_len - max_question - 3:
