@@ -4,11 +4,21 @@ BERT directory) on a task, and evaluates it with the task's official metrics aft
     python -m pipeline.finetune --model DIR --task TASK --out RUN [--data_dir DIR]
         [--epochs 3] [--lr 2e-5] [--batch_size 32] [--max_seq_len 128] [--seed 0] [--warmup 0.1]
         [--text_fields a[,b] --label_field y (--dev PATH | --dev_fraction F) [--task_type ...]]
+        [--earlybird on|off] [--search_fraction 0.2] [--ticket_epochs 2] [--ticket_lr_scale 2]
+        [EarlyBERT search flags: --l1 --prune_heads --prune_ffn --ticket --ticket_weights ...]
         [--wandb_project P] [--wandb_mode ...]
 
 TASK: glue:NAME (cola sst2 mrpc stsb qqp mnli qnli rte wnli, GLUE's layout in --data_dir),
 squad:v1 / squad:v2 (train-v1.1.json, dev-v1.1.json, ... in --data_dir), csv:PATH, jsonl:PATH.
 Plain PyTorch on one process, or DDP under torchrun (the batch is split over the processes).
+
+--earlybird on (the paper's fine-tuning protocol, in one command): gates on every head and FFN
+neuron and the L1 term over --search_fraction of the first epoch, snapshots to RUN/gates/ and the
+early-bird rule on them (pipeline/search.py, the same object pre-training calls: a monitor can
+watch), the ticket (or the fallback at the search's end) pruned into RUN/pruned/ (by default 4 of
+12 heads and 40 % of FFN neurons, rewound to the pre-trained weights), then the ticket fine-tuned
+for --ticket_epochs at --lr x --ticket_lr_scale in the same process. results.json states each
+stage's time. --ticket random: a random ticket of the same shape (the baseline).
 
 RUN follows pre-training's rules: RUN/finetune.json records the settings (a rerun with others is
 refused), RUN/metrics.jsonl gets a row every --log_every steps and one per dev set and epoch,
@@ -25,14 +35,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -42,89 +54,134 @@ from data_prep.files import atomic_write_json, fsync_dir, fsync_tree
 
 from . import task_metrics as tm
 from .errors import UserError, exit_on_user_error, writing
+from .dist import Comm
 from .metrics import Metrics
-from .run_dir import RunDir
-from .settings import FinetuneSettings, add_arguments, field_of, from_namespace, json_object
+from .run_dir import RunDir, TrainState
+from .search import Search
+from .settings import FinetuneSettings, SearchSettings, add_arguments, field_of, from_namespace, json_object
 from .squad import decode, featurize
-from .task_model import from_pretrained, save
+from .task_model import from_pretrained, from_pruned, save
 from .tasks import REGRESSION, SQUAD, TaskArgs, load_task
 
 EXIT_PREEMPTED = 75
 METRICS = {"accuracy": tm.accuracy, "f1": tm.f1_binary, "matthews": tm.matthews, "pearson": tm.pearson,
            "spearman": tm.spearman}
+DENSE, SEARCH, EFFICIENT = "finetune", "search", "efficient"  # the phases (metrics rows' "phase")
 
 
-@dataclass
-class FinetuneState:
-    """Where a fine-tuning stands: all of it is in RUN/checkpoint/state.json."""
-    step: int = 0           # optimizer steps done (epoch = step // steps_per_epoch)
-    elapsed: float = 0.0    # seconds of training and evaluation, over launches
-
-    @classmethod
-    def read(cls, path: Path) -> "FinetuneState":
-        d = json_object(path)
-        return cls(field_of(d, "step", int, str(path), low=0), field_of(d, "elapsed", float, str(path), low=0))
-
-
-def parse_args(argv=None) -> FinetuneSettings:
+def parse_args(argv=None) -> tuple[FinetuneSettings, SearchSettings]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, FinetuneSettings)
-    s = from_namespace(FinetuneSettings, p.parse_args(argv))
+    add_arguments(p.add_argument_group("EarlyBERT (--earlybird on; the fine-tuning preset's defaults)"),
+                  SearchSettings, skip=("rewarmup_steps",))
+    p.set_defaults(**SearchSettings.finetune_defaults())
+    a = p.parse_args(argv)
+    s, search = from_namespace(FinetuneSettings, a), from_namespace(SearchSettings, a)
     try:
         s.check()
+        search.check()
     except UserError as e:
         p.error(str(e))
-    return s
+    return s, search
 
 
 def setup() -> tuple[int, int, torch.device]:
-    """One process, or one of torchrun's (gloo on CPU, NCCL on GPUs)."""
+    """torchrun's process group, or a group of one (gloo on CPU, NCCL on a GPU): the search's
+    collectives (pipeline/dist.py) run the same either way."""
     cuda = torch.cuda.is_available()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if dist.is_initialized():  # main() called again in one process (tests)
+        pass
+    elif "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    return rank, world, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    else:  # a group of one on a free local port, the environment left alone
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 class Finetune:
-    def __init__(self, s: FinetuneSettings, rank: int, world: int, device: torch.device):
+    def __init__(self, s: FinetuneSettings, search: SearchSettings, rank: int, world: int, device: torch.device):
         """Reads and checks everything (task, model, tokenizer, RUN); writes nothing."""
         self.s, self.rank, self.world, self.device = s, rank, world, device
-        self.run = RunDir(s.out)
-        self.identity = {"finetune": s.identity()}
-        recorded = self.run.path / "finetune.json"
-        if recorded.exists() and json_object(recorded) != self.identity:
-            raise UserError(f"{recorded}: RUN was started with other settings ({self._changed(json_object(recorded))}); "
-                            "use another --out")
+        self.run, self.comm, self.stop_signal = RunDir(s.out), Comm(device), False
         if s.batch_size % world:
             raise UserError(f"--batch_size {s.batch_size}: must divide among the {world} processes")
         self.task = load_task(s.task, TaskArgs(s.data_dir, tuple(filter(None, (s.text_fields or "").split(","))),
                                                s.label_field, s.dev, s.dev_fraction, s.task_type, s.seed))
         torch.manual_seed(s.seed)
-        self.model = from_pretrained(s.model, self.task).to(device)
+        self.model = from_pretrained(s.model, self.task, gates=s.earlybird == "on")
         self.tokenizer = load_tokenizer(s.model)
         self.train_set = self.features(self.task.train, train=True)
         self.dev_sets = {name: (examples, self.features(examples, train=False))
                          for name, examples in self.task.dev.items()}
         n = len(self.train_set["input_ids"])
         self.steps_per_epoch = max(1, n // s.batch_size if world > 1 else math.ceil(n / s.batch_size))
-        self.total_steps = s.epochs * self.steps_per_epoch
-        decay = [p for name, p in self.model.named_parameters() if not _no_decay(name)]
-        rest = [p for name, p in self.model.named_parameters() if _no_decay(name)]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                            {"params": rest, "weight_decay": 0.0}], lr=s.lr, eps=1e-8)
-        self.net = self.model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.search_settings = None
+        if s.earlybird == "on":
+            search.check_model(self.model.config.heads)
+            self.search_settings = search.for_search_length(max(1, math.ceil(s.search_fraction * self.steps_per_epoch)))
+        self.identity = {"model": self.model.config.to_dict(), "finetune": s.identity(),
+                         "search": None if self.search_settings is None else self.search_settings.to_record()}
+        recorded = self.run.read_identity()
+        if recorded is not None and recorded != json.loads(json.dumps(self.identity)):
+            raise UserError(f"{self.run.run_json}: RUN was started with other settings "
+                            f"({self._changed(recorded)}); use another --out")
+        self.phase = DENSE if s.earlybird == "off" else EFFICIENT if self.run.pruned_ready() else SEARCH
+        self.offset = 0  # the step the phase's schedule starts at (the efficient stage: the ticket's)
+        if self.phase == EFFICIENT:
+            self.enter_efficient(self.run.read_pruned_state()["state"].step)
         self.metrics = Metrics(self.run, rank)
-        self.stop_signal = False
+        self.search = None
+        self.build_optimizer()
 
     def _changed(self, recorded: dict) -> str:
         before, now = recorded.get("finetune", {}), self.identity["finetune"]
-        return ", ".join(f"--{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]) or "format"
+        changed = [f"--{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+        return ", ".join(changed) or "the model or the EarlyBERT settings"
+
+    def build_optimizer(self) -> None:
+        """AdamW on the model now trained (the efficient stage rebuilds it for the ticket)."""
+        self.model.to(self.device)
+        decay = [p for name, p in self.model.named_parameters() if not _no_decay(name)]
+        rest = [p for name, p in self.model.named_parameters() if _no_decay(name)]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.s.weight_decay},
+                                            {"params": rest, "weight_decay": 0.0}], lr=self.s.lr, eps=1e-8)
+        self.net = self.model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model.l1 = self.search_settings.l1 if self.phase == SEARCH else 0.0
+
+    def enter_efficient(self, step: int) -> None:
+        """The ticket from RUN/pruned/, fine-tuned from STEP on with its own schedule."""
+        self.phase, self.offset = EFFICIENT, step
+        self.model = from_pruned(self.run.pruned, self.task)
+
+    # -- the schedule of the current phase
+    @property
+    def epochs(self) -> int:
+        return self.s.ticket_epochs if self.phase == EFFICIENT else self.s.epochs
+
+    @property
+    def phase_end(self) -> int:
+        """The global step this phase ends at (the search ends earlier, at its ticket)."""
+        if self.phase == SEARCH:
+            return self.search_settings.search_max_steps
+        return self.offset + self.epochs * self.steps_per_epoch
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over --warmup of the phase's steps, then linear decay to 0 (BERT's
+        schedule; the search runs on the dense schedule's start). The ticket: --lr x --ticket_lr_scale."""
+        total = self.epochs * self.steps_per_epoch
+        peak = self.s.lr * (self.s.ticket_lr_scale if self.phase == EFFICIENT else 1.0)
+        local, warm = step - self.offset, int(self.s.warmup * total)
+        if local < warm:
+            return peak * (local + 1) / warm
+        return peak * max(0.0, (total - local) / max(1, total - warm))
 
     # -- data
     def features(self, examples: list, train: bool) -> dict[str, torch.Tensor]:
@@ -146,49 +203,57 @@ class Finetune:
         out["labels"] = torch.tensor([e.label for e in examples], dtype=dtype)
         return out
 
-    def batches(self, epoch: int, start: int):
-        """This process's share of each global batch of EPOCH, from step START of it on; the
-        order is a seeded permutation per epoch, so a resumed run sees what it would have."""
+    def batches(self, step: int):
+        """This process's share of each global batch from global STEP to the end of its epoch;
+        each epoch of each phase has its own seeded order, so a resumed run sees what it would have."""
+        epoch, at = divmod(step - self.offset, self.steps_per_epoch)
         n = len(self.train_set["input_ids"])
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.s.seed * 1000003 + epoch))
-        for i in range(start, self.steps_per_epoch):
+        seed = self.s.seed * 1000003 + epoch + (10007 if self.phase == EFFICIENT else 0)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        for i in range(at, self.steps_per_epoch):
             idx = order[i * self.s.batch_size:(i + 1) * self.s.batch_size][self.rank::self.world]
             yield {k: v[idx].to(self.device) for k, v in self.train_set.items()}
 
     # -- the loop
     def run_all(self) -> int:
-        s = self.s
         state = self.resume()
-        self.start_run()
+        self.start_run(state)
         t0, base = time.time(), state.elapsed
-        print(f"{self.task.name}: {len(self.train_set['input_ids']):,} training examples, "
-              f"{self.steps_per_epoch} steps per epoch x {s.epochs}, from step {state.step}", file=sys.stderr)
-        for note in self.task.notes:
-            print(note, file=sys.stderr)
-        while state.step < self.total_steps:
-            epoch, at = divmod(state.step, self.steps_per_epoch)
-            for batch in self.batches(epoch, at):
+        while state.step < self.phase_end:
+            for batch in self.batches(state.step):
                 loss = self.train_step(batch, state.step)
                 state.step += 1
+                state.consumed += self.s.batch_size
                 state.elapsed = base + time.time() - t0
                 self.log_step(state, loss)
-                if state.step % self.steps_per_epoch and self.stop_requested():  # an epoch's end: after its evaluation
+                if self.phase == SEARCH and self.after_search_step(state):
+                    break  # the ticket: the efficient stage starts at this step
+                epoch_end = (state.step - self.offset) % self.steps_per_epoch == 0
+                if not epoch_end and self.stop_requested():  # an epoch's end: after its evaluation
                     return self.stop(state)
-            self.evaluate(state, epoch + 1)
-            state.elapsed = base + time.time() - t0
-            self.checkpoint(state)
-            if state.step < self.total_steps and self.stop_requested():
-                return self.stop(state, checkpointed=True)
+            else:
+                if self.phase != SEARCH:
+                    self.evaluate(state, (state.step - self.offset) // self.steps_per_epoch)
+                state.elapsed = base + time.time() - t0
+                self.checkpoint(state)
+                if state.step < self.phase_end and self.stop_requested():
+                    return self.stop(state, checkpointed=True)
         self.finish(state)
         return 0
 
-    def stop(self, state: FinetuneState, checkpointed: bool = False) -> int:
-        if not checkpointed:
-            self.checkpoint(state)
-        if self.rank == 0:
-            self.run.clear_stop()  # acted on: the next launch runs
-        self.log(f"stopped at step {state.step}: run the same command to continue (exit {EXIT_PREEMPTED})")
-        return EXIT_PREEMPTED
+    def after_search_step(self, state: TrainState) -> bool:
+        """The search's plug-in point (pipeline/search.py, as in pre-training): a gate snapshot and
+        the rule; at the ticket, RUN/pruned/ and the switch to the ticket in this process."""
+        self.search.after_step(state.step)
+        ticket = self.search.ticket(state.step)
+        if ticket is None:
+            return False
+        self.search.prune(state, ticket, self.metrics.summary)
+        self.enter_efficient(state.step)
+        self.build_optimizer()
+        self.log(f"fine-tuning the ticket (heads {self.model.config.heads}, FFN {self.model.config.ffn}) for "
+                 f"{self.epochs} epoch(s) at peak lr {self.s.lr * self.s.ticket_lr_scale:.2e}")
+        return True
 
     def train_step(self, batch: dict, step: int) -> float:
         self.net.train()
@@ -202,33 +267,35 @@ class Finetune:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.phase == SEARCH:  # the task's loss, logged without the L1 term (as pre-training logs it)
+            return loss.item() - self.model.l1 * float(self.model.last_penalty)
         return loss.item()
 
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up over --warmup of the steps, then linear decay to 0 (BERT's schedule)."""
-        warm = int(self.s.warmup * self.total_steps)
-        if step < warm:
-            return self.s.lr * (step + 1) / warm
-        return self.s.lr * max(0.0, (self.total_steps - step) / max(1, self.total_steps - warm))
-
-    def log_step(self, state: FinetuneState, loss: float) -> None:
-        if state.step % self.s.log_every and state.step != self.total_steps:
+    def log_step(self, state: TrainState, loss: float) -> None:
+        if state.step % self.s.log_every and state.step != self.phase_end:
             return
-        self.metrics.log({"step": state.step, "phase": "finetune", "loss": loss, "lr": self.lr_at(state.step - 1),
-                          "epoch": state.step / self.steps_per_epoch, "elapsed_s": state.elapsed})
-        self.log(f"step {state.step:>6}  loss {loss:.4f}  lr {self.lr_at(state.step - 1):.2e}")
+        row = {"step": state.step, "phase": self.phase, "loss": loss, "lr": self.lr_at(state.step - 1),
+               "epoch": (state.step - self.offset) / self.steps_per_epoch, "elapsed_s": state.elapsed}
+        if self.phase == SEARCH:
+            row["gate_l1"] = float(self.model.last_penalty)
+        self.metrics.log(row)
+        self.log(f"step {state.step:>6}  {self.phase:<9}  loss {loss:.4f}  lr {row['lr']:.2e}")
 
     def stop_requested(self) -> bool:
         """SIGTERM/SIGUSR1 on any process, or the file RUN/stop."""
-        asked = self.rank == 0 and self.run.stop_requested()
-        flag = torch.tensor([float(self.stop_signal or asked)], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag)
-        return bool(flag.item())
+        return self.comm.agree(self.stop_signal or (self.rank == 0 and self.run.stop_requested()))
+
+    def stop(self, state: TrainState, checkpointed: bool = False) -> int:
+        if not checkpointed:
+            self.checkpoint(state)
+        if self.rank == 0:
+            self.run.clear_stop()  # acted on: the next launch runs
+        self.log(f"stopped at step {state.step}: run the same command to continue (exit {EXIT_PREEMPTED})")
+        return EXIT_PREEMPTED
 
     # -- evaluation
     @torch.no_grad()
-    def evaluate(self, state: FinetuneState, epoch: int) -> dict[str, dict[str, float]]:
+    def evaluate(self, state: TrainState, epoch: int) -> None:
         """Every dev set's metrics (rank 0 computes them; the others wait)."""
         results = {}
         if self.rank == 0:
@@ -238,10 +305,8 @@ class Finetune:
                 self.metrics.log({"step": state.step, "phase": "eval", "epoch": epoch,
                                   **{f"{name}/{k}": v for k, v in results[name].items()}})
                 self.log(f"epoch {epoch} {name}: " + "  ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
-        if self.world > 1:
-            dist.barrier()
+        self.comm.barrier()
         self.last_results = results
-        return results
 
     def dev_metrics(self, examples: list, f: dict) -> dict[str, float]:
         outputs = []
@@ -260,14 +325,23 @@ class Finetune:
         return {m: METRICS[m](pred, gold) for m in self.task.metrics}
 
     # -- RUN: start, checkpoint, resume, finish
-    def start_run(self) -> None:
+    def start_run(self, state: TrainState) -> None:
         if self.rank == 0:
             self.run.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run.path / "finetune.json", self.identity)
+            self.run.write_identity(self.identity)
             self.metrics.start(self.s.wandb_project, self.s.wandb_entity, self.s.wandb_group, self.s.wandb_mode,
                                {**self.identity["finetune"], "task_kind": self.task.kind}, "finetune", "finetune")
+        self.comm.barrier()
+        if self.phase == SEARCH:
+            self.search = Search(SimpleNamespace(module=self.model), self.run, self.comm, self.rank,
+                                 self.search_settings, self.s.seed, self.s.model, self.log)
+            self.search.begin(state.step)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGUSR1, self._on_signal)
+        self.log(f"{self.task.name}: {len(self.train_set['input_ids']):,} training examples, "
+                 f"{self.steps_per_epoch} steps per epoch; {self.phase} from step {state.step}")
+        for note in self.task.notes:
+            self.log(note)
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = True
@@ -276,9 +350,9 @@ class Finetune:
     def checkpoint_dir(self) -> Path:
         return self.run.path / "checkpoint"
 
-    def checkpoint(self, state: FinetuneState) -> None:
-        """RUN/checkpoint/ (weights, optimizer, RNG, state) replaced whole: written beside, then
-        renamed over the old one, which stays until the new one is complete."""
+    def checkpoint(self, state: TrainState) -> None:
+        """RUN/checkpoint/ (weights, optimizer, RNG, phase and state) replaced whole: written
+        beside, then renamed over the old one, which stays until the new one is complete."""
         if self.rank == 0:
             final, tmp, old = (self.checkpoint_dir.with_name(n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
             with writing(final, partial=[tmp]):
@@ -287,7 +361,7 @@ class Finetune:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                           str(tmp / "model.safetensors"))
                 torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
-                atomic_write_json(tmp / "state.json", asdict(state))
+                atomic_write_json(tmp / "state.json", {"phase": self.phase, "state": state.to_dict()})
                 fsync_tree(tmp)
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
@@ -295,46 +369,53 @@ class Finetune:
             tmp.rename(final)
             fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
-        if self.world > 1:
-            dist.barrier()
+        self.comm.barrier()
 
-    def resume(self) -> FinetuneState:
-        """The checkpoint's state (weights, optimizer and RNG restored), or a fresh start; metrics
-        rows past the checkpoint (a killed launch's) are dropped."""
-        ckpt = self.checkpoint_dir
-        if not (ckpt / "state.json").exists():
-            if self.rank == 0 and self.run.metrics.exists():
-                self.run.metrics.unlink()
-            return FinetuneState()
-        state = FinetuneState.read(ckpt / "state.json")
-        if state.step > self.total_steps:
-            raise UserError(f"{ckpt / 'state.json'}: step {state.step} is past the run's {self.total_steps} steps")
-        try:
-            weights = load_file(str(ckpt / "model.safetensors"))
-            trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(trainer["optimizer"])
-            torch.set_rng_state(trainer["rng"])
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-        if self.rank == 0:
+    def resume(self) -> TrainState:
+        """The checkpoint of this phase (weights, optimizer and RNG restored), or the phase's
+        start; metrics rows past it (a killed launch's) are dropped."""
+        ckpt, where = self.checkpoint_dir, str(self.checkpoint_dir / "state.json")
+        saved = json_object(ckpt / "state.json") if (ckpt / "state.json").exists() else None
+        if saved is None or field_of(saved, "phase", str, where) != self.phase:  # none, or the search's
+            state = TrainState(step=self.offset)
+        else:
+            state = TrainState.from_dict(field_of(saved, "state", dict, where), f"{where}: field 'state'")
+            if not self.offset <= state.step <= self.phase_end:
+                raise UserError(f"{where}: step {state.step} is outside the phase's steps {self.offset}..{self.phase_end}")
+            try:
+                self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+                trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+                self.optimizer.load_state_dict(trainer["optimizer"])
+                torch.set_rng_state(trainer["rng"])
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+            self.log(f"resumed from {ckpt} at step {state.step}")
+        if self.phase == EFFICIENT and state.step == self.offset:
+            state.elapsed = self.run.read_pruned_state()["state"].elapsed
+        if self.rank == 0 and self.run.metrics.exists():
             self.run.truncate_metrics(state.step)
-        self.log(f"resumed from {ckpt} at step {state.step}")
         return state
 
-    def finish(self, state: FinetuneState) -> None:
+    def finish(self, state: TrainState) -> None:
         results = getattr(self, "last_results", None) or {}
         if self.rank == 0:
-            save(self.model, self.task, self.run.path / "final", self.s.model)
+            extra = {}
+            if self.phase == EFFICIENT:
+                info = self.run.read_pruned_state()
+                extra = {"earlybird": {
+                    "ticket_step": info["ticket_step"], "reason": info["reason"], "ticket": info["ticket"],
+                    "weights": info["weights"], "heads": self.model.config.heads, "ffn": self.model.config.ffn,
+                    "dense": info["dense"], "search_s": info["state"].elapsed,
+                    "efficient_s": state.elapsed - info["state"].elapsed}}
+            save(self.model, self.task, self.run.final, self.s.model)
             summary = {"task": self.task.name, "model": str(self.s.model), "metrics": list(self.task.metrics),
-                       "results": results, "steps": state.step, "epochs": self.s.epochs,
-                       "train_examples": len(self.task.train), "elapsed_s": state.elapsed}
+                       "results": results, "steps": state.step, "train_examples": len(self.task.train),
+                       "elapsed_s": state.elapsed, "phase": self.phase, **extra}
             atomic_write_json(self.run.path / "results.json", summary)
             self.metrics.summary(**{f"{d}/{k}": v for d, r in results.items() for k, v in r.items()})
             self.metrics.finish()
-            self.log(f"done: {self.run.path / 'results.json'}, {self.run.path / 'final'}")
-        if self.world > 1:
-            dist.barrier()
+            self.log(f"done: {self.run.path / 'results.json'}, {self.run.final}")
+        self.comm.barrier()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -359,14 +440,14 @@ def load_tokenizer(model_dir: Path):
 @exit_on_user_error
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    s = parse_args(argv)
+    s, search = parse_args(argv)
     if (s.out / "results.json").exists() and (s.out / "final").is_dir():
-        recorded = s.out / "finetune.json"
-        if recorded.exists() and json_object(recorded) == {"finetune": s.identity()}:
+        recorded = RunDir(s.out).read_identity()
+        if recorded is not None and recorded.get("finetune") == s.identity():
             print(f"{s.out}: finished; nothing to do", file=sys.stderr)
             return 0
     rank, world, device = setup()
-    return Finetune(s, rank, world, device).run_all()
+    return Finetune(s, search, rank, world, device).run_all()
 
 
 if __name__ == "__main__":

@@ -178,6 +178,23 @@ class SearchSettings:
             raise UserError(f"--prune_heads {self.prune_heads}: the model has {min(heads)} heads in a layer; "
                             "at least one must stay")
 
+    @staticmethod
+    def finetune_defaults() -> dict:
+        """The fine-tuning preset (the paper's fine-tuning protocol): 40 % of FFN neurons pruned
+        (heads: 4 of 12, as in pre-training), the ticket rewound to the pre-trained weights; the
+        search's length and snapshot interval follow from --search_fraction of the first epoch
+        (None: resolved by `for_search_length`), the rule may fire once its window is full."""
+        return {"prune_ffn": 0.4, "ticket_weights": "rewind", "search_min_steps": 0,
+                "search_max_steps": None, "snapshot_every": None}
+
+    def for_search_length(self, steps: int) -> "SearchSettings":
+        """Fine-tuning's settings in force: an unset search length (the fallback step) set to
+        STEPS, an unset snapshot interval to a tenth of it, an unset FFN multiple to the default
+        (RUN/run.json records the result: a rerun cannot change them)."""
+        return dataclasses.replace(self, search_max_steps=self.search_max_steps or steps,
+                                   snapshot_every=self.snapshot_every or max(1, steps // 10),
+                                   ffn_multiple=self.ffn_multiple or DEFAULT_FFN_MULTIPLE)
+
     def to_record(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -288,6 +305,12 @@ class FinetuneSettings:
     task_type: str | None = setting(None, "csv/jsonl: classification or regression (default: from the labels)",
                                     choices=("classification", "regression"))
     log_every: int = setting(10, "steps between metrics rows")
+    earlybird: str = setting("off", "on: EarlyBERT during fine-tuning (gates and L1 over --search_fraction of the "
+                                    "first epoch, the ticket, then the ticket fine-tuned); off: dense fine-tuning",
+                             choices=("on", "off"))
+    search_fraction: float = setting(0.2, "--earlybird on: the searching stage's length, a fraction of the first epoch")
+    ticket_epochs: int = setting(2, "--earlybird on: epochs the ticket is fine-tuned for (the paper: 2, dense 3)")
+    ticket_lr_scale: float = setting(2.0, "--earlybird on: the ticket's LR is --lr times this (the paper: 2)")
     wandb_project: str | None = setting(None, "W&B project (none: no W&B)")
     wandb_group: str | None = setting(None, "W&B group")
     wandb_entity: str | None = setting(None, "W&B entity")
@@ -305,6 +328,11 @@ class FinetuneSettings:
             raise UserError(f"--weight_decay {self.weight_decay}: must be >= 0")
         if self.dev_fraction is not None and not 0 < self.dev_fraction < 1:
             raise UserError(f"--dev_fraction {self.dev_fraction}: must be in (0, 1)")
+        if not 0 < self.search_fraction <= 1:
+            raise UserError(f"--search_fraction {self.search_fraction}: must be in (0, 1]")
+        _at_least("ticket_epochs", self.ticket_epochs, 1)
+        if not self.ticket_lr_scale > 0:
+            raise UserError(f"--ticket_lr_scale {self.ticket_lr_scale}: must be > 0")
 
     def identity(self) -> dict:
         """What a rerun must match to continue RUN (the logging flags may change)."""

@@ -45,6 +45,7 @@ class TaskModel(nn.Module):
             self.bert.pooler = Pooler(config)
             self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.l1 = 0.0  # EarlyBERT's L1 on |gate| (fine-tuning's searching stage), as in BertForMLM
+        self.last_penalty = None  # sum |gate| of the last forward (detached), for logging
         self.apply(partial(init_weights, std=config.initializer_range))
 
     def gates(self) -> list[nn.Parameter]:
@@ -68,8 +69,10 @@ class TaskModel(nn.Module):
             if labels is not None:
                 loss = (F.mse_loss(logits, labels.float()) if self.kind == REGRESSION
                          else F.cross_entropy(logits, labels))
-        if loss is not None and penalty is not None and self.l1:
-            loss = loss + self.l1 * penalty
+        if penalty is not None:
+            self.last_penalty = penalty.detach()
+            if loss is not None and self.l1:
+                loss = loss + self.l1 * penalty
         return loss, logits
 
 
@@ -88,6 +91,16 @@ def from_pretrained(directory: Path, task: Task, gates: bool = False) -> TaskMod
     stray = [k for k in missing if k.startswith("bert.") and not k.startswith("bert.pooler.")] + list(unexpected)
     if stray:
         raise UserError(f"{directory}: weights do not fit the encoder ({stray[:3]})")
+    return model
+
+
+def from_pruned(directory: Path, task: Task) -> TaskModel:
+    """The ticket the search wrote to RUN/pruned/ (per-layer sizes, gates folded), head included."""
+    model = TaskModel(BertConfig.from_json(directory / "config.json"), task.kind, task.num_labels)
+    try:
+        model.load_state_dict(read_state_dict(directory))
+    except RuntimeError as e:  # missing or unexpected weights, or shapes the config does not give
+        raise UserError(f"{directory}: does not hold this task's pruned model ({str(e).splitlines()[0][:200]})") from None
     return model
 
 

@@ -1,5 +1,6 @@
 """A pruned export is a model every transformers user can fine-tune: each Auto class loads it in a
-fresh process (trust_remote_code: the classes ship beside the weights), builds the per-layer
+fresh process (trust_remote_code: the classes ship beside the weights; one process loads them
+all, so transformers is imported once), builds the per-layer
 sizes and computes our encoder's hidden states; transformers' Trainer fine-tunes it on real
 labeled text, saves it, and the result loads again. The pruned model is the real 6-layer
 MiniLM (bert-base-uncased's vocabulary) with a ticket of uneven per-layer sizes."""
@@ -47,47 +48,58 @@ def pruned(tmp_path_factory):
     return small, tmp / "pruned", tmp / "inputs.pt"
 
 
-# Runs in a fresh Python: loads DIR with transformers.AUTO and reports the class, the per-layer
-# sizes, the weights it had to initialise, and the largest difference from our hidden states.
-LOAD_ONE = r"""
+# Runs in a fresh Python: loads DIR with each transformers Auto class named and reports, per class,
+# its class, the per-layer sizes, the weights it had to initialise, and the largest difference
+# from our hidden states (one process for all classes: transformers is imported once).
+LOAD_ALL = r"""
 import json, sys, torch, transformers
-auto, out, inputs = sys.argv[1:4]
-cls = getattr(transformers, auto)
-if auto == "AutoConfig":
-    c = cls.from_pretrained(out, trust_remote_code=True)
-    print("REPORT", json.dumps({"class": type(c).__name__, "heads": c.earlybert_heads, "ffn": c.earlybert_ffn,
-                                "pad_token_id": c.pad_token_id}))
-    sys.exit(0)
-m, info = cls.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
-m.eval()
+out, inputs, autos = sys.argv[1], sys.argv[2], sys.argv[3:]
 x = torch.load(inputs)
-ids, mask = x["ids"], x["mask"]
-if auto == "AutoModelForMultipleChoice":  # [batch, choices, length]
-    ids, mask = ids[None], mask[None]
-with torch.no_grad():
-    o = m(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-h = o.hidden_states[-1].reshape(x["ours"].shape)
-real = x["mask"].bool()
-enc = m.base_model.encoder.layer
-print("REPORT", json.dumps({
-    "class": type(m).__name__,
-    "heads": [l.attention.self.query.out_features for l in enc],
-    "ffn": [l.intermediate.dense.out_features for l in enc],
-    "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
-    "diff": (h - x["ours"])[real].abs().max().item(),
-    "outputs": {k: list(v.shape) for k, v in o.items() if torch.is_tensor(v)}}))
+reports = {}
+for auto in autos:
+    cls = getattr(transformers, auto)
+    if auto == "AutoConfig":
+        c = cls.from_pretrained(out, trust_remote_code=True)
+        reports[auto] = {"class": type(c).__name__, "heads": c.earlybert_heads, "ffn": c.earlybert_ffn,
+                         "pad_token_id": c.pad_token_id}
+        continue
+    m, info = cls.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    m.eval()
+    ids, mask = x["ids"], x["mask"]
+    if auto == "AutoModelForMultipleChoice":  # [batch, choices, length]
+        ids, mask = ids[None], mask[None]
+    with torch.no_grad():
+        o = m(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    h = o.hidden_states[-1].reshape(x["ours"].shape)
+    real = x["mask"].bool()
+    enc = m.base_model.encoder.layer
+    reports[auto] = {
+        "class": type(m).__name__,
+        "heads": [l.attention.self.query.out_features for l in enc],
+        "ffn": [l.intermediate.dense.out_features for l in enc],
+        "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+        "diff": (h - x["ours"])[real].abs().max().item(),
+        "outputs": {k: list(v.shape) for k, v in o.items() if torch.is_tensor(v)}}
+print("REPORT", json.dumps(reports))
 """
 
 HEAD_WEIGHTS = ("pooler.", "classifier.", "qa_outputs.")  # task heads a fine-tuning initialises
 
 
-@pytest.mark.parametrize("auto", list(AUTO_MAP))
-def test_every_auto_class_loads_a_pruned_export(pruned, auto):
-    small, out, inputs = pruned
-    r = subprocess.run([sys.executable, "-c", LOAD_ONE, auto, str(out), str(inputs)], capture_output=True,
-                       text=True, env=env(), timeout=300, cwd=out.parent)
+@pytest.fixture(scope="module")
+def loaded(pruned) -> dict:
+    """Every Auto class's report from one fresh process."""
+    _, out, inputs = pruned
+    r = subprocess.run([sys.executable, "-c", LOAD_ALL, str(out), str(inputs), *AUTO_MAP], capture_output=True,
+                       text=True, env=env(), timeout=600, cwd=out.parent)
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.split("REPORT", 1)[1])
+    return json.loads(r.stdout.split("REPORT", 1)[1])
+
+
+@pytest.mark.parametrize("auto", list(AUTO_MAP))
+def test_every_auto_class_loads_a_pruned_export(pruned, loaded, auto):
+    small = pruned[0]
+    report = loaded[auto]
     hs = small.config.head_size
     assert report["class"] == AUTO_MAP[auto].split(".")[1]
     assert [h // (hs if auto != "AutoConfig" else 1) for h in report["heads"]] == HEADS_KEPT

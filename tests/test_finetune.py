@@ -21,7 +21,7 @@ from pipeline.finetune import main as finetune_main
 from pipeline.hf import export
 from pipeline.model import BertConfig, BertForMLM
 from pipeline.prune import prune
-from pipeline.task_model import from_pretrained
+from pipeline.task_model import from_pretrained, from_pruned
 from pipeline.tasks import TaskArgs, load_task
 from test_tasks import GLUE_ROWS, POLARITY, SENTENCES, squad_file, write_glue
 
@@ -38,6 +38,15 @@ def pruned(tmp_path_factory, small_data) -> Path:
     ffn = random_masks([np.arange(1024) < 410] * 4, seed=1)
     out = tmp_path_factory.mktemp("pruned") / "model"
     export(prune(model, heads, ffn), out, small_data / "tokenizer")
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory, small_data) -> Path:
+    """bert-mini (4 layers of 4 heads, FFN 1024) exported dense, with the test corpus's vocabulary."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("dense") / "model"
+    export(BertForMLM(BertConfig.preset("bert-mini", vocab_size=1000)), out, small_data / "tokenizer")
     return out
 
 
@@ -75,11 +84,11 @@ print("REPORT", json.dumps({"class": type(m).__name__, "num_labels": m.config.nu
 
 
 def same_as_auto_class(run: Path, model_dir: Path, task_spec: str, args: TaskArgs, auto: str) -> dict:
-    """Our TaskModel (the checkpoint's weights, gates unfolded) and RUN/final through transformers'
-    AUTO compute the same logits on the first dev examples."""
+    """Our TaskModel (the checkpoint's weights, gates unfolded; an EarlyBERT run's: the ticket) and
+    RUN/final through transformers' AUTO compute the same logits on the first dev examples."""
     from transformers import AutoTokenizer
     task = load_task(task_spec, args)
-    ours = from_pretrained(model_dir, task).eval()
+    ours = (from_pruned(run / "pruned", task) if (run / "pruned").exists() else from_pretrained(model_dir, task)).eval()
     ours.load_state_dict(load_file(str(run / "checkpoint" / "model.safetensors")))
     tok = AutoTokenizer.from_pretrained(str(run / "final"))
     dev = task.dev["dev"][:6]
@@ -104,10 +113,17 @@ def same_as_auto_class(run: Path, model_dir: Path, task_spec: str, args: TaskArg
     return json.loads(r.stdout.split("REPORT", 1)[1])
 
 
-def test_finetune_a_pruned_export_on_real_sentences(tmp_path, pruned, polarity):
-    r = classify(pruned, polarity, tmp_path / "run")
+@pytest.fixture(scope="module")
+def classified(tmp_path_factory, pruned, polarity) -> Path:
+    """An unbroken fine-tuning of the pruned export on the movie-review sentences (2 epochs)."""
+    run = tmp_path_factory.mktemp("classified") / "run"
+    r = classify(pruned, polarity, run)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "run"
+    return run
+
+
+def test_finetune_a_pruned_export_on_real_sentences(classified, pruned, polarity):
+    run = classified
     res = json.loads((run / "results.json").read_text())
     assert res["steps"] == 2 * 10 and res["train_examples"] == 150
     assert set(res["results"]["dev"]) == {"accuracy", "f1"} and 0 <= res["results"]["dev"]["accuracy"] <= 1
@@ -121,22 +137,22 @@ def test_finetune_a_pruned_export_on_real_sentences(tmp_path, pruned, polarity):
     assert report["class"] == "EarlyBertForSequenceClassification"
     assert report["id2label"] == {"0": "neg", "1": "pos"} or report["id2label"] == {0: "neg", 1: "pos"}
     # a finished RUN: the same command exits at once; other settings are refused
+    before = (run / "results.json").read_bytes()
     r = classify(pruned, polarity, run)
     assert r.returncode == 0 and "nothing to do" in r.stderr
     r = classify(pruned, polarity, run, epochs=3)
-    assert r.returncode == 2 and "--epochs 2 -> 3" in r.stderr
+    assert r.returncode == 2 and "--epochs 2 -> 3" in r.stderr and (run / "results.json").read_bytes() == before
 
 
-def test_finetune_stops_and_resumes_bit_identically(tmp_path, pruned, polarity):
-    unbroken = tmp_path / "unbroken"
-    assert classify(pruned, polarity, unbroken).returncode == 0
+def test_finetune_stops_and_resumes_bit_identically(tmp_path, classified, pruned, polarity):
+    unbroken = classified
     # a stop file: checkpoint after the first step (mid-epoch), exit 75, then the same command
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     (stopped / "stop").touch()
     r = classify(pruned, polarity, stopped)
     assert r.returncode == 75, r.stderr[-2000:]
-    assert json.loads((stopped / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert json.loads((stopped / "checkpoint" / "state.json").read_text())["state"]["step"] == 1
     assert not (stopped / "stop").exists() and not (stopped / "final").exists()
     assert classify(pruned, polarity, stopped).returncode == 0
     # SIGTERM at a moment the run chooses: once the first rows are logged
@@ -153,7 +169,7 @@ def test_finetune_stops_and_resumes_bit_identically(tmp_path, pruned, polarity):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 75, err[-2000:]
-    assert 3 <= json.loads((termed / "checkpoint" / "state.json").read_text())["step"] < 20
+    assert 3 <= json.loads((termed / "checkpoint" / "state.json").read_text())["state"]["step"] < 20
     assert subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, timeout=300).returncode == 0
     for run in (stopped, termed):
         assert (run / "final" / "model.safetensors").read_bytes() == (unbroken / "final" / "model.safetensors").read_bytes()
@@ -213,3 +229,46 @@ def test_finetune_bad_input_is_refused_before_run_exists(tmp_path, pruned, polar
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (args, err[-1500:])
         assert not run.exists()
+
+
+def test_earlybert_fine_tuning_end_to_end(tmp_path, dense, polarity):
+    """--earlybird on: gates and L1 over the first epoch's search, the ticket (1 of 4 heads and 40 %
+    of FFN neurons pruned, rewound to the pre-trained weights), the ticket fine-tuned at twice the
+    LR; a stop inside the search resumes bit-identically; --ticket random keeps the ticket's shape."""
+    eb = ("--earlybird", "on", "--search_fraction", "1.0", "--ticket_epochs", "1")
+    run = tmp_path / "eb"
+    r = classify(dense, polarity, run, *eb, epochs=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    e = res["earlybird"]
+    assert res["phase"] == "efficient" and e["heads"] == [3, 3, 3, 3] and e["weights"] == "rewind"
+    assert all(f % 64 == 0 for f in e["ffn"]) and abs(sum(e["ffn"]) - 0.6 * 4096) <= 64
+    assert 5 <= e["ticket_step"] <= 10 and e["search_s"] > 0 and e["efficient_s"] > 0
+    m = rows(run)
+    t = e["ticket_step"]
+    assert [r["step"] for r in m if r["phase"] == "search"] == list(range(1, t + 1))
+    assert all(r["gate_l1"] > 0 and r["loss"] < 1.5 for r in m if r["phase"] == "search")  # without the L1 term
+    assert [r["step"] for r in m if r["phase"] == "efficient"] == list(range(t + 1, t + 11))
+    lrs = {r["phase"]: max(x["lr"] for x in m if x["phase"] == r["phase"]) for r in m if "lr" in r}
+    assert lrs["efficient"] == pytest.approx(2e-4) and lrs["search"] <= 1e-4
+    assert [r["step"] for r in m if r["phase"] == "eval"] == [t + 10]
+    assert len(list((run / "gates").glob("step-*.npz"))) == t
+    report = same_as_auto_class(run, dense, f"jsonl:{polarity}",
+                                TaskArgs(text_fields=("text",), label_field="label", dev_fraction=0.25),
+                                "AutoModelForSequenceClassification")
+    assert report["class"] == "EarlyBertForSequenceClassification"
+
+    stopped = tmp_path / "stopped"  # stopped at step 1, inside the search
+    stopped.mkdir()
+    (stopped / "stop").touch()
+    assert classify(dense, polarity, stopped, *eb, epochs=1).returncode == 75
+    assert classify(dense, polarity, stopped, *eb, epochs=1).returncode == 0
+    assert (stopped / "final" / "model.safetensors").read_bytes() == (run / "final" / "model.safetensors").read_bytes()
+    assert json.loads((stopped / "results.json").read_text())["results"] == res["results"]
+
+    rnd = tmp_path / "random"
+    assert classify(dense, polarity, rnd, *eb, "--ticket", "random", epochs=1).returncode == 0
+    a, b = (json.loads((d / "pruned" / "trainer_state.json").read_text()) for d in (run, rnd))
+    assert b["ticket"] == "random" and b["ticket_step"] == a["ticket_step"]
+    assert [sum(h) for h in a["heads"]] == [sum(h) for h in b["heads"]]
+    assert [sum(f) for f in a["ffn"]] == [sum(f) for f in b["ffn"]] and a["ffn"] != b["ffn"]
