@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from pipeline.errors import writing
@@ -15,6 +16,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Publishes the complete directory TMP (fsynced) as OUT. The previous OUT is moved aside, not
+    deleted, until the new one is in place: a kill between the two renames leaves both complete
+    copies on disk (OUT.old and TMP)."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_tree(root: Path) -> None:

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data_prep.files import atomic_write_json, fsync_dir, fsync_tree
+from data_prep.files import atomic_write_json, fsync_tree, replace_dir
 
 from . import task_metrics as tm
 from .errors import UserError, exit_on_user_error, writing
@@ -58,7 +58,8 @@ from .dist import Comm
 from .metrics import Metrics
 from .run_dir import RunDir, TrainState
 from .search import Search
-from .settings import FinetuneSettings, SearchSettings, add_arguments, field_of, from_namespace, json_object
+from .settings import (FinetuneSettings, SearchSettings, add_arguments, check_or_exit, field_of, from_namespace,
+                       json_object)
 from .squad import decode, featurize
 from .task_model import from_pretrained, from_pruned, save
 from .tasks import REGRESSION, SQUAD, TaskArgs, load_task
@@ -77,11 +78,7 @@ def parse_args(argv=None) -> tuple[FinetuneSettings, SearchSettings]:
     p.set_defaults(**SearchSettings.finetune_defaults())
     a = p.parse_args(argv)
     s, search = from_namespace(FinetuneSettings, a), from_namespace(SearchSettings, a)
-    try:
-        s.check()
-        search.check()
-    except UserError as e:
-        p.error(str(e))
+    check_or_exit(p, s, search)
     return s, search
 
 
@@ -354,7 +351,7 @@ class Finetune:
         """RUN/checkpoint/ (weights, optimizer, RNG, phase and state) replaced whole: written
         beside, then renamed over the old one, which stays until the new one is complete."""
         if self.rank == 0:
-            final, tmp, old = (self.checkpoint_dir.with_name(n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+            final, tmp = self.checkpoint_dir, self.checkpoint_dir.with_name("checkpoint.tmp")
             with writing(final, partial=[tmp]):
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
@@ -363,12 +360,7 @@ class Finetune:
                 torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
                 atomic_write_json(tmp / "state.json", {"phase": self.phase, "state": state.to_dict()})
                 fsync_tree(tmp)
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            fsync_dir(final.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, final)
         self.comm.barrier()
 
     def resume(self) -> TrainState:

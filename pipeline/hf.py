@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from data_prep.files import fsync_dir, fsync_tree
+from data_prep.files import fsync_tree, replace_dir
 
 from .errors import UserError, writing
 from .model import TIED_DECODER, TIED_DECODER_BIAS, WORD_EMBEDDINGS, BertConfig, BertForMLM, is_gate
@@ -175,12 +175,4 @@ def export(model: BertForMLM, out: Path | str, tokenizer_dir: Path | str | None,
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         fsync_tree(tmp)
-    # The previous OUT is moved aside, not deleted, until the new one is in place: a kill between
-    # the two renames leaves both complete copies on disk (OUT.old and OUT.tmp).
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)

@@ -364,5 +364,14 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         parser.add_argument(f"--{f.name}", **kw)
 
 
+def check_or_exit(parser: argparse.ArgumentParser, *settings) -> None:
+    """Each settings object's check(); a failure is a usage error of PARSER (exit 2)."""
+    for one in settings:
+        try:
+            one.check()
+        except UserError as e:
+            parser.error(str(e))
+
+
 def from_namespace(cls: type, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})

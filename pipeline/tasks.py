@@ -129,13 +129,18 @@ def _need_data_dir(spec: str, a: TaskArgs) -> Path:
 
 # -- GLUE
 
-def _tsv_rows(path: Path) -> list[list[str]]:
+def _read_text(path: Path, missing: str = "missing") -> str:
+    """PATH's UTF-8 text (a BOM dropped); UserError naming it when absent or unreadable."""
     if not path.is_file():
-        raise UserError(f"{path}: missing (GLUE's layout: DATA_DIR/<task dir>/train.tsv, dev.tsv)")
+        raise UserError(f"{path}: {missing}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+
+
+def _tsv_rows(path: Path) -> list[list[str]]:
+    text = _read_text(path, "missing (GLUE's layout: DATA_DIR/<task dir>/train.tsv, dev.tsv)")
     csv.field_size_limit(sys.maxsize)
     return list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
 
@@ -242,12 +247,7 @@ def read_squad(path: Path, v2: bool) -> list[SquadExample]:
 
 def _table_rows(path: Path, kind: str) -> list[tuple[str, dict]]:
     """(where, row) for each record of a CSV (with a header) or JSONL file."""
-    if not path.is_file():
-        raise UserError(f"{path}: missing")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    text = _read_text(path)
     if kind == "csv":
         csv.field_size_limit(sys.maxsize)
         try:

@@ -45,14 +45,14 @@ from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
 from pipeline.dist import Comm
 from pipeline.engine import (build_model, check_data, full_weights, load_ds_config, load_pruned, make_engine,
                              run_identity, setup_distributed, training_dtype, weights_finite)
-from pipeline.errors import UserError, exit_on_user_error, writing
+from pipeline.errors import exit_on_user_error, writing
 from pipeline.hf import export, folded_state_dict
 from pipeline.loader import Prefetcher, to_device
 from pipeline.metrics import Metrics
 from pipeline.mfu import peak_flops
 from pipeline.run_dir import RunDir, TrainState
 from pipeline.search import Search
-from pipeline.settings import SearchSettings, TrainSettings, add_arguments, from_namespace
+from pipeline.settings import SearchSettings, TrainSettings, add_arguments, check_or_exit, from_namespace
 from pipeline.stage import Phase, check_identity, locate
 
 EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RELAUNCH = 3, 75, 76
@@ -77,11 +77,7 @@ def parse_args(argv=None) -> tuple[TrainSettings, SearchSettings]:
     if a.deepspeed_config is None:
         p.error("--deepspeed_config is required")
     settings, search = from_namespace(TrainSettings, a), from_namespace(SearchSettings, a)
-    try:
-        settings.check()
-        search.check()
-    except UserError as e:
-        p.error(str(e))
+    check_or_exit(p, settings, search)
     return settings, search
 
 
