@@ -157,6 +157,9 @@ class Finetune:
         """The ticket from RUN/pruned/, fine-tuned from STEP on with its own schedule."""
         self.phase, self.offset = EFFICIENT, step
         self.model = from_pruned(self.run.pruned, self.task)
+        # dropout's RNG from here on depends on the step alone: switching in-process after the
+        # ticket and a relaunch that starts from RUN/pruned/ train the same
+        torch.manual_seed(self.s.seed * 1000003 + step)
 
     # -- the schedule of the current phase
     @property

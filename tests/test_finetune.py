@@ -4,6 +4,7 @@ regression in GLUE's layout; the result loads with transformers' Auto classes an
 ours computes; a stop and a SIGTERM resume bit-identically; bad input is refused before RUN exists."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,6 +266,15 @@ def test_earlybert_fine_tuning_end_to_end(tmp_path, dense, polarity):
     assert classify(dense, polarity, stopped, *eb, epochs=1).returncode == 0
     assert (stopped / "final" / "model.safetensors").read_bytes() == (run / "final" / "model.safetensors").read_bytes()
     assert json.loads((stopped / "results.json").read_text())["results"] == res["results"]
+
+    # killed once RUN/pruned/ is written: the relaunch fine-tunes the ticket from there, the same way
+    relaunched = tmp_path / "relaunched"
+    shutil.copytree(run, relaunched)
+    for gone in ("checkpoint", "final", "results.json"):
+        shutil.rmtree(relaunched / gone) if (relaunched / gone).is_dir() else (relaunched / gone).unlink()
+    assert classify(dense, polarity, relaunched, *eb, epochs=1).returncode == 0
+    assert (relaunched / "final" / "model.safetensors").read_bytes() == (run / "final" / "model.safetensors").read_bytes()
+    assert [r["step"] for r in rows(relaunched)] == [r["step"] for r in m]
 
     rnd = tmp_path / "random"
     assert classify(dense, polarity, rnd, *eb, "--ticket", "random", epochs=1).returncode == 0
