@@ -56,6 +56,7 @@ from . import task_metrics as tm
 from .errors import UserError, exit_on_user_error, writing
 from .dist import Comm
 from .metrics import Metrics
+from .model import param_groups
 from .run_dir import RunDir, TrainState
 from .search import Search
 from .settings import (FinetuneSettings, SearchSettings, add_arguments, check_or_exit, field_of, from_namespace,
@@ -135,6 +136,7 @@ class Finetune:
             self.enter_efficient(self.run.read_pruned_state()["state"].step)
         self.metrics = Metrics(self.run, rank)
         self.search = None
+        self.last_results: dict[str, dict[str, float]] = {}  # the last evaluation's, for results.json
         self.build_optimizer()
 
     def _changed(self, recorded: dict) -> str:
@@ -145,10 +147,7 @@ class Finetune:
     def build_optimizer(self) -> None:
         """AdamW on the model now trained (the efficient stage rebuilds it for the ticket)."""
         self.model.to(self.device)
-        decay = [p for name, p in self.model.named_parameters() if not _no_decay(name)]
-        rest = [p for name, p in self.model.named_parameters() if _no_decay(name)]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.s.weight_decay},
-                                            {"params": rest, "weight_decay": 0.0}], lr=self.s.lr, eps=1e-8)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.s.weight_decay), lr=self.s.lr, eps=1e-8)
         self.net = self.model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model.l1 = self.search_settings.l1 if self.phase == SEARCH else 0.0
@@ -392,7 +391,7 @@ class Finetune:
         return state
 
     def finish(self, state: TrainState) -> None:
-        results = getattr(self, "last_results", None) or {}
+        results = self.last_results
         if self.rank == 0:
             extra = {}
             if self.phase == EFFICIENT:
@@ -415,10 +414,6 @@ class Finetune:
     def log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, file=sys.stderr, flush=True)
-
-
-def _no_decay(name: str) -> bool:
-    return name.endswith(".bias") or "LayerNorm" in name or name.endswith("_gates")
 
 
 def load_tokenizer(model_dir: Path):

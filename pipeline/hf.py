@@ -108,13 +108,14 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
-def load_pretrained(directory: Path | str, **overrides) -> BertForMLM:
+def load_pretrained(directory: Path | str, weights: dict[str, torch.Tensor] | None = None,
+                    **overrides) -> BertForMLM:
     """A `bert-*` checkpoint directory (BertForMaskedLM, BertForPreTraining or BertModel keys).
-    A missing MLM head is freshly initialised."""
+    A missing MLM head is freshly initialised. weights: its read_state_dict, when the caller has it."""
     directory = Path(directory)
     config = BertConfig.from_json(directory / "config.json", **overrides)
     theirs = {k if k.startswith(("bert.", "cls.")) else "bert." + k: v
-              for k, v in read_state_dict(directory).items()}
+              for k, v in (read_state_dict(directory) if weights is None else weights).items()}
     layers = {k.split(".")[3] for k in theirs if k.startswith("bert.encoder.layer.") and k.count(".") > 3}
     if config.num_layers > len(layers):
         raise UserError(f"{directory}: config.json has {config.num_layers} layers, the weights {len(layers)}")

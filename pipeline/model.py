@@ -376,6 +376,19 @@ def init_weights(m: nn.Module, std: float) -> None:
         nn.init.zeros_(m.bias)
 
 
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, LayerNorm and gates (EARLYBERT.md); a tied
+    parameter once."""
+    decay, no_decay, seen = [], [], set()
+    for n, p in module.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or is_gate(n) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 class BertForMLM(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -445,15 +458,7 @@ class BertForMLM(nn.Module):
         return [p for n, p in self.named_parameters() if is_gate(n)]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no weight decay on biases, LayerNorm and gates (EARLYBERT.md)."""
-        decay, no_decay, seen = [], [], set()
-        for n, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            (no_decay if p.ndim < 2 or is_gate(n) else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return param_groups(self, weight_decay)
 
     def num_parameters(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

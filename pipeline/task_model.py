@@ -48,9 +48,6 @@ class TaskModel(nn.Module):
         self.last_penalty = None  # sum |gate| of the last forward (detached), for logging
         self.apply(partial(init_weights, std=config.initializer_range))
 
-    def gates(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n.endswith("_gates")]
-
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, start_positions=None,
                 end_positions=None):
         """(loss or None, logits): classification [B, num_labels], regression [B], SQuAD
@@ -79,10 +76,11 @@ class TaskModel(nn.Module):
 def from_pretrained(directory: Path, task: Task, gates: bool = False) -> TaskModel:
     """The encoder of DIRECTORY (an export of this pipeline, dense or pruned, or a Hugging Face
     BERT) with a new head for TASK; a pooler the checkpoint has (BERT's NSP pooler) is kept."""
-    encoder = load_pretrained(directory, gates=gates)
+    BertConfig.from_json(directory / "config.json")  # a foreign config is reported before weights are read
+    theirs = read_state_dict(directory)  # read once: the encoder's weights and the pooler's
+    encoder = load_pretrained(directory, weights=theirs, gates=gates)
     model = TaskModel(encoder.config, task.kind, task.num_labels)
     state = {k: v for k, v in encoder.state_dict().items() if k.startswith("bert.")}
-    theirs = read_state_dict(directory)
     for name in ("dense.weight", "dense.bias"):  # with or without the "bert." prefix
         for key in (f"bert.pooler.{name}", f"pooler.{name}"):
             if key in theirs and task.kind != SQUAD:
