@@ -44,26 +44,23 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from data_prep.files import atomic_write_json, fsync_tree, replace_dir
-
-from . import task_metrics as tm
-from .errors import UserError, exit_on_user_error, writing
-from .dist import Comm
-from .metrics import Metrics
-from .model import param_groups
-from .run_dir import RunDir, TrainState
-from .search import Search
-from .settings import (FinetuneSettings, SearchSettings, add_arguments, check_or_exit, field_of, from_namespace,
-                       json_object)
-from .squad import decode, featurize
-from .task_model import from_pretrained, from_pruned, save
-from .tasks import REGRESSION, SQUAD, TaskArgs, load_task
+from pipeline import task_metrics as tm
+from pipeline.dist import Comm
+from pipeline.errors import UserError, exit_on_user_error, writing
+from pipeline.finetune_engine import DeepSpeedEngine, TorchEngine, finetune_ds_config
+from pipeline.metrics import Metrics
+from pipeline.run_dir import RunDir, TrainState
+from pipeline.search import Search
+from pipeline.settings import (FinetuneSettings, SearchSettings, add_arguments, check_or_exit, field_of,
+                               from_namespace, json_object)
+from pipeline.squad import decode, featurize
+from pipeline.task_model import from_pretrained, from_pruned, save
+from pipeline.tasks import REGRESSION, SQUAD, TaskArgs, load_task
 
 EXIT_PREEMPTED = 75
 METRICS = {"accuracy": tm.accuracy, "f1": tm.f1_binary, "matthews": tm.matthews, "pearson": tm.pearson,
@@ -77,6 +74,8 @@ def parse_args(argv=None) -> tuple[FinetuneSettings, SearchSettings]:
     add_arguments(p.add_argument_group("EarlyBERT (--earlybird on; the fine-tuning preset's defaults)"),
                   SearchSettings, skip=("rewarmup_steps",))
     p.set_defaults(**SearchSettings.finetune_defaults())
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     s, search = from_namespace(FinetuneSettings, a), from_namespace(SearchSettings, a)
     check_or_exit(p, s, search)
@@ -93,7 +92,8 @@ def setup() -> tuple[int, int, torch.device]:
         pass
     elif "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
-    else:  # a group of one on a free local port, the environment left alone
+    else:  # a group of one on a free local port, the environment left alone but for DeepSpeed's LOCAL_RANK
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it is set
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -112,8 +112,10 @@ class Finetune:
             raise UserError(f"--batch_size {s.batch_size}: must divide among the {world} processes")
         self.task = load_task(s.task, TaskArgs(s.data_dir, tuple(filter(None, (s.text_fields or "").split(","))),
                                                s.label_field, s.dev, s.dev_fraction, s.task_type, s.seed))
+        self.ds_config, self.notes = finetune_ds_config(s.deepspeed_config, s.batch_size, world) \
+            if s.deepspeed_config is not None else (None, [])
         torch.manual_seed(s.seed)
-        self.model = from_pretrained(s.model, self.task, gates=s.earlybird == "on")
+        self.model = from_pretrained(s.model, self.task, gates=s.earlybird == "on", **s.dropout_overrides())
         self.tokenizer = load_tokenizer(s.model)
         self.train_set = self.features(self.task.train, train=True)
         self.dev_sets = {name: (examples, self.features(examples, train=False))
@@ -137,25 +139,26 @@ class Finetune:
         self.metrics = Metrics(self.run, rank)
         self.search = None
         self.last_results: dict[str, dict[str, float]] = {}  # the last evaluation's, for results.json
-        self.build_optimizer()
+        self.build_engine()
 
     def _changed(self, recorded: dict) -> str:
         before, now = recorded.get("finetune", {}), self.identity["finetune"]
         changed = [f"--{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
         return ", ".join(changed) or "the model or the EarlyBERT settings"
 
-    def build_optimizer(self) -> None:
-        """AdamW on the model now trained (the efficient stage rebuilds it for the ticket)."""
-        self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.s.weight_decay), lr=self.s.lr, eps=1e-8)
-        self.net = self.model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    def build_engine(self) -> None:
+        """The engine around the model now trained (the efficient stage rebuilds it for the ticket)."""
+        s = self.s
+        self.engine = TorchEngine(self.model, s.lr, s.weight_decay, self.world, self.device) \
+            if self.ds_config is None else \
+            DeepSpeedEngine(self.model, s.lr, s.weight_decay, self.ds_config, s.deepspeed_config, self.device)
+        self.model = self.engine.module
         self.model.l1 = self.search_settings.l1 if self.phase == SEARCH else 0.0
 
     def enter_efficient(self, step: int) -> None:
         """The ticket from RUN/pruned/, fine-tuned from STEP on with its own schedule."""
         self.phase, self.offset = EFFICIENT, step
-        self.model = from_pruned(self.run.pruned, self.task)
+        self.model = from_pruned(self.run.pruned, self.task, **self.s.dropout_overrides())
         # dropout's RNG from here on depends on the step alone: switching in-process after the
         # ticket and a relaunch that starts from RUN/pruned/ train the same
         torch.manual_seed(self.s.seed * 1000003 + step)
@@ -249,23 +252,15 @@ class Finetune:
             return False
         self.search.prune(state, ticket, self.metrics.summary)
         self.enter_efficient(state.step)
-        self.build_optimizer()
+        self.build_engine()
         self.log(f"fine-tuning the ticket (heads {self.model.config.heads}, FFN {self.model.config.ffn}) for "
                  f"{self.epochs} epoch(s) at peak lr {self.s.lr * self.s.ticket_lr_scale:.2e}")
         return True
 
     def train_step(self, batch: dict, step: int) -> float:
-        self.net.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, _ = self.net(**batch)
-        if not torch.isfinite(loss):
-            raise UserError(f"step {step + 1}: the loss is {loss.item()} (lower --lr?)")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.engine.step(batch, self.lr_at(step), step)
+        if self.world > 1:  # the global batch's loss: the mean of the processes' equal shares
+            loss = self.comm.sum(self.comm.zeros(1).copy_(loss.reshape(1))) / self.world
         if self.phase == SEARCH:  # the task's loss, logged without the L1 term (as pre-training logs it)
             return loss.item() - self.model.l1 * float(self.model.last_penalty)
         return loss.item()
@@ -295,16 +290,15 @@ class Finetune:
     # -- evaluation
     @torch.no_grad()
     def evaluate(self, state: TrainState, epoch: int) -> None:
-        """Every dev set's metrics (rank 0 computes them; the others wait)."""
+        """Every dev set's metrics. Every rank runs the same forwards (ZeRO-3 gathers weights in
+        collectives) and computes the same figures; rank 0 logs them."""
         results = {}
-        if self.rank == 0:
-            self.model.eval()
-            for name, (examples, f) in self.dev_sets.items():
-                results[name] = self.dev_metrics(examples, f)
-                self.metrics.log({"step": state.step, "phase": "eval", "epoch": epoch,
-                                  **{f"{name}/{k}": v for k, v in results[name].items()}})
-                self.log(f"epoch {epoch} {name}: " + "  ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
-        self.comm.barrier()
+        self.model.eval()
+        for name, (examples, f) in self.dev_sets.items():
+            results[name] = self.dev_metrics(examples, f)
+            self.metrics.log({"step": state.step, "phase": "eval", "epoch": epoch,
+                              **{f"{name}/{k}": v for k, v in results[name].items()}})
+            self.log(f"epoch {epoch} {name}: " + "  ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
         self.last_results = results
 
     def dev_metrics(self, examples: list, f: dict) -> dict[str, float]:
@@ -332,14 +326,15 @@ class Finetune:
                                {**self.identity["finetune"], "task_kind": self.task.kind}, "finetune", "finetune")
         self.comm.barrier()
         if self.phase == SEARCH:
-            self.search = Search(SimpleNamespace(module=self.model), self.run, self.comm, self.rank,
+            self.search = Search(self.engine, self.run, self.comm, self.rank,
                                  self.search_settings, self.s.seed, self.s.model, self.log)
             self.search.begin(state.step)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGUSR1, self._on_signal)
         self.log(f"{self.task.name}: {len(self.train_set['input_ids']):,} training examples, "
-                 f"{self.steps_per_epoch} steps per epoch; {self.phase} from step {state.step}")
-        for note in self.task.notes:
+                 f"{self.steps_per_epoch} steps per epoch; {self.phase} from step {state.step}; "
+                 f"{self.engine.describe()} on {self.world} process(es)")
+        for note in self.task.notes + self.notes:
             self.log(note)
 
     def _on_signal(self, signum, frame) -> None:
@@ -350,18 +345,21 @@ class Finetune:
         return self.run.path / "checkpoint"
 
     def checkpoint(self, state: TrainState) -> None:
-        """RUN/checkpoint/ (weights, optimizer, RNG, phase and state) replaced whole: written
-        beside, then renamed over the old one, which stays until the new one is complete."""
-        if self.rank == 0:
-            final, tmp = self.checkpoint_dir, self.checkpoint_dir.with_name("checkpoint.tmp")
-            with writing(final, partial=[tmp]):
+        """RUN/checkpoint/ (the engine's weights and optimizer, the RNG, phase and state) replaced
+        whole: written beside, then renamed over the old one, which stays until the new one is complete."""
+        final, tmp = self.checkpoint_dir, self.checkpoint_dir.with_name("checkpoint.tmp")
+        with writing(final, partial=[tmp]):
+            if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                          str(tmp / "model.safetensors"))
-                torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+            self.comm.barrier()
+            self.engine.save(tmp, self.rank)
+            self.comm.barrier()
+            if self.rank == 0:
+                torch.save({"rng": torch.get_rng_state()}, tmp / "trainer.pt")
                 atomic_write_json(tmp / "state.json", {"phase": self.phase, "state": state.to_dict()})
                 fsync_tree(tmp)
+        if self.rank == 0:
             replace_dir(tmp, final)
         self.comm.barrier()
 
@@ -377,10 +375,8 @@ class Finetune:
             if not self.offset <= state.step <= self.phase_end:
                 raise UserError(f"{where}: step {state.step} is outside the phase's steps {self.offset}..{self.phase_end}")
             try:
-                self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-                trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-                self.optimizer.load_state_dict(trainer["optimizer"])
-                torch.set_rng_state(trainer["rng"])
+                self.engine.load(ckpt)
+                torch.set_rng_state(torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)["rng"])
             except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
                 raise UserError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
             self.log(f"resumed from {ckpt} at step {state.step}")
@@ -391,7 +387,7 @@ class Finetune:
         return state
 
     def finish(self, state: TrainState) -> None:
-        results = self.last_results
+        results, weights = self.last_results, self.engine.weights()
         if self.rank == 0:
             extra = {}
             if self.phase == EFFICIENT:
@@ -401,7 +397,7 @@ class Finetune:
                     "weights": info["weights"], "heads": self.model.config.heads, "ffn": self.model.config.ffn,
                     "dense": info["dense"], "search_s": info["state"].elapsed,
                     "efficient_s": state.elapsed - info["state"].elapsed}}
-            save(self.model, self.task, self.run.final, self.s.model)
+            save(self.model, self.task, self.run.final, self.s.model, weights)
             summary = {"task": self.task.name, "model": str(self.s.model), "metrics": list(self.task.metrics),
                        "results": results, "steps": state.step, "train_examples": len(self.task.train),
                        "elapsed_s": state.elapsed, "phase": self.phase, **extra}

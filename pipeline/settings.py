@@ -273,11 +273,16 @@ class TrainSettings:
             _fraction(name, getattr(self, name))
 
     def dropout_overrides(self) -> dict:
-        """The model config's dropout fields that these settings override."""
-        over = {} if self.dropout is None else {"dropout": self.dropout, "attention_dropout": self.dropout}
-        if self.attention_dropout is not None:
-            over["attention_dropout"] = self.attention_dropout
-        return over
+        return dropout_overrides(self.dropout, self.attention_dropout)
+
+
+def dropout_overrides(dropout: float | None, attention_dropout: float | None = None) -> dict:
+    """The model config's dropout fields that --dropout (hidden and attention) and
+    --attention_dropout override."""
+    over = {} if dropout is None else {"dropout": dropout, "attention_dropout": dropout}
+    if attention_dropout is not None:
+        over["attention_dropout"] = attention_dropout
+    return over
 
 
 @dataclass
@@ -298,6 +303,10 @@ class FinetuneSettings:
     warmup: float = setting(0.1, "fraction of the steps with a linear warm-up (then linear decay to 0)")
     weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     eval_batch_size: int = setting(64, "examples per evaluation batch")
+    dropout: float | None = setting(None, "hidden, attention and classifier dropout (default: the model's, BERT's 0.1)")
+    deepspeed_config: Path | None = setting(None, "train through DeepSpeed with this config (its precision, ZeRO "
+                                                  "stage and gradient clipping; AdamW and the schedule stay "
+                                                  "fine-tuning's); default: plain PyTorch")
     text_fields: str | None = setting(None, "csv/jsonl: the text field, or two comma-separated for pairs")
     label_field: str | None = setting(None, "csv/jsonl: the label field")
     dev: Path | None = setting(None, "csv/jsonl: the dev file (same format)")
@@ -322,6 +331,7 @@ class FinetuneSettings:
         _at_least("max_seq_len", self.max_seq_len, 16)
         _at_least("doc_stride", self.doc_stride, 1)
         _fraction("warmup", self.warmup)
+        _fraction("dropout", self.dropout)
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: must be > 0")
         if self.weight_decay < 0:
@@ -338,6 +348,9 @@ class FinetuneSettings:
         """What a rerun must match to continue RUN (the logging flags may change)."""
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
                 if k not in ("out", "log_every", "eval_batch_size") and not k.startswith("wandb_")}
+
+    def dropout_overrides(self) -> dict:
+        return dropout_overrides(self.dropout)
 
 
 # ------------------------------------------------------------------ command lines from the classes

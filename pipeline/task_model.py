@@ -73,12 +73,13 @@ class TaskModel(nn.Module):
         return loss, logits
 
 
-def from_pretrained(directory: Path, task: Task, gates: bool = False) -> TaskModel:
+def from_pretrained(directory: Path, task: Task, gates: bool = False, **overrides) -> TaskModel:
     """The encoder of DIRECTORY (an export of this pipeline, dense or pruned, or a Hugging Face
-    BERT) with a new head for TASK; a pooler the checkpoint has (BERT's NSP pooler) is kept."""
+    BERT) with a new head for TASK; a pooler the checkpoint has (BERT's NSP pooler) is kept.
+    overrides: config fields (dropout)."""
     BertConfig.from_json(directory / "config.json")  # a foreign config is reported before weights are read
     theirs = read_state_dict(directory)  # read once: the encoder's weights and the pooler's
-    encoder = load_pretrained(directory, weights=theirs, gates=gates)
+    encoder = load_pretrained(directory, weights=theirs, gates=gates, **overrides)
     model = TaskModel(encoder.config, task.kind, task.num_labels)
     state = {k: v for k, v in encoder.state_dict().items() if k.startswith("bert.")}
     for name in ("dense.weight", "dense.bias"):  # with or without the "bert." prefix
@@ -92,9 +93,9 @@ def from_pretrained(directory: Path, task: Task, gates: bool = False) -> TaskMod
     return model
 
 
-def from_pruned(directory: Path, task: Task) -> TaskModel:
+def from_pruned(directory: Path, task: Task, **overrides) -> TaskModel:
     """The ticket the search wrote to RUN/pruned/ (per-layer sizes, gates folded), head included."""
-    model = TaskModel(BertConfig.from_json(directory / "config.json"), task.kind, task.num_labels)
+    model = TaskModel(BertConfig.from_json(directory / "config.json", **overrides), task.kind, task.num_labels)
     try:
         model.load_state_dict(read_state_dict(directory))
     except RuntimeError as e:  # missing or unexpected weights, or shapes the config does not give
@@ -116,6 +117,7 @@ def hf_task_config(model: TaskModel, task: Task, tokenizer_dir: Path) -> dict:
     return d
 
 
-def save(model: TaskModel, task: Task, out: Path, tokenizer_dir: Path, extra: dict[str, dict] | None = None) -> None:
-    """OUT as transformers reads it (gates folded), through OUT.tmp renamed into place."""
-    export(model, out, tokenizer_dir, folded_state_dict(model), extra, hf_task_config(model, task, tokenizer_dir))
+def save(model: TaskModel, task: Task, out: Path, tokenizer_dir: Path, weights: dict | None = None) -> None:
+    """OUT as transformers reads it (gates folded), through OUT.tmp renamed into place. weights:
+    the model's fp32 weights when the module's own are not (DeepSpeed's bf16, ZeRO partitions)."""
+    export(model, out, tokenizer_dir, folded_state_dict(model, weights), None, hf_task_config(model, task, tokenizer_dir))

@@ -5,6 +5,8 @@ text. Each task knows its labels, its dev sets and its official metrics (pipelin
     glue:NAME      cola sst2 mrpc stsb qqp mnli qnli rte wnli, from DATA_DIR/<GLUE dir>/train.tsv and
                    dev.tsv (MNLI: dev_matched.tsv and dev_mismatched.tsv, both evaluated)
     squad:v1       DATA_DIR/train-v1.1.json, dev-v1.1.json;  squad:v2: train-v2.0.json, dev-v2.0.json
+                   (GLUE and SQuAD without a DATA_DIR: the Hugging Face hub's nyu-mll/glue,
+                   rajpurkar/squad and rajpurkar/squad_v2, or their copy in the local datasets cache)
     csv:PATH       --text_fields a[,b] --label_field y, with --dev PATH or a seeded --dev_fraction;
     jsonl:PATH     numeric labels that are not class ids make a regression (--task_type says so)
 
@@ -66,23 +68,28 @@ class GlueSpec:
     label: str | int
     labels: tuple[str, ...] | None    # None: regression
     metrics: tuple[str, ...]
+    hub: tuple[str, ...]              # the text columns in the hub's nyu-mll/glue
     dev: tuple[str, ...] = ("dev",)
     header: bool = True
 
 
+P2 = ("sentence1", "sentence2")
 GLUE = {
-    "cola": GlueSpec("CoLA", (3,), 1, ("0", "1"), ("matthews", "accuracy"), header=False),
-    "sst2": GlueSpec("SST-2", ("sentence",), "label", ("0", "1"), ("accuracy",)),
-    "mrpc": GlueSpec("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), ("f1", "accuracy")),
-    "stsb": GlueSpec("STS-B", ("sentence1", "sentence2"), "score", None, ("pearson", "spearman")),
-    "qqp": GlueSpec("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), ("f1", "accuracy")),
-    "mnli": GlueSpec("MNLI", ("sentence1", "sentence2"), "gold_label", ("contradiction", "entailment", "neutral"),
-                     ("accuracy",), dev=("dev_matched", "dev_mismatched")),
-    "qnli": GlueSpec("QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"), ("accuracy",)),
-    "rte": GlueSpec("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), ("accuracy",)),
-    "wnli": GlueSpec("WNLI", ("sentence1", "sentence2"), "label", ("0", "1"), ("accuracy",)),
+    "cola": GlueSpec("CoLA", (3,), 1, ("0", "1"), ("matthews", "accuracy"), ("sentence",), header=False),
+    "sst2": GlueSpec("SST-2", ("sentence",), "label", ("0", "1"), ("accuracy",), ("sentence",)),
+    "mrpc": GlueSpec("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), ("f1", "accuracy"), P2),
+    "stsb": GlueSpec("STS-B", P2, "score", None, ("pearson", "spearman"), P2),
+    "qqp": GlueSpec("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), ("f1", "accuracy"),
+                    ("question1", "question2")),
+    "mnli": GlueSpec("MNLI", P2, "gold_label", ("contradiction", "entailment", "neutral"), ("accuracy",),
+                     ("premise", "hypothesis"), dev=("dev_matched", "dev_mismatched")),
+    "qnli": GlueSpec("QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"), ("accuracy",),
+                     ("question", "sentence")),
+    "rte": GlueSpec("RTE", P2, "label", ("entailment", "not_entailment"), ("accuracy",), P2),
+    "wnli": GlueSpec("WNLI", P2, "label", ("0", "1"), ("accuracy",), P2),
 }
 SQUAD_FILES = {"v1": ("train-v1.1.json", "dev-v1.1.json"), "v2": ("train-v2.0.json", "dev-v2.0.json")}
+HUB = {"glue": "nyu-mll/glue", "v1": "rajpurkar/squad", "v2": "rajpurkar/squad_v2"}
 TASK_KINDS = "glue:NAME, squad:v1, squad:v2, csv:PATH or jsonl:PATH"
 
 
@@ -104,11 +111,15 @@ def load_task(spec: str, a: TaskArgs) -> Task:
     if kind == "glue":
         if name not in GLUE:
             raise UserError(f"--task {spec}: unknown GLUE task (one of {', '.join(GLUE)})")
-        return read_glue(name, _need_data_dir(spec, a))
+        if a.data_dir is None:
+            return glue_from_hub(name, load_hub(HUB["glue"], name, spec))
+        return read_glue(name, _data_dir(a))
     if kind == "squad":
         if name not in SQUAD_FILES:
             raise UserError(f"--task {spec}: squad:v1 or squad:v2")
-        d = _need_data_dir(spec, a)
+        if a.data_dir is None:
+            return squad_from_hub(name, load_hub(HUB[name], None, spec))
+        d = _data_dir(a)
         train, dev = (d / f for f in SQUAD_FILES[name])
         task = Task(spec, SQUAD, [], ("exact_match", "f1"), read_squad(train, name == "v2"),
                     {"dev": read_squad(dev, name == "v2")})
@@ -118,10 +129,7 @@ def load_task(spec: str, a: TaskArgs) -> Task:
     raise UserError(f"--task {spec}: unknown task (one of {TASK_KINDS})")
 
 
-def _need_data_dir(spec: str, a: TaskArgs) -> Path:
-    if a.data_dir is None:
-        raise UserError(f"--task {spec}: give --data_dir, the directory holding the task's files "
-                        "(the Hugging Face hub is not read by this version)")
+def _data_dir(a: TaskArgs) -> Path:
     if not a.data_dir.is_dir():
         raise UserError(f"--data_dir {a.data_dir}: not a directory")
     return a.data_dir
@@ -229,17 +237,105 @@ def read_squad(path: Path, v2: bool) -> list[SquadExample]:
                 for m, ans in enumerate([] if impossible else field_of(qa, "answers", list, qw)):
                     aw = f"{qw}.answers[{m}]"
                     ans = check_value(ans, dict, aw)
-                    text = field_of(ans, "text", str, aw)
-                    start = field_of(ans, "answer_start", int, aw, low=0)
-                    if context[start:start + len(text)] != text:
-                        raise UserError(f"{aw}: answer_start {start} does not point at {text[:40]!r} in the context")
-                    texts.append(text)
-                    starts.append(start)
+                    texts.append(field_of(ans, "text", str, aw))
+                    starts.append(field_of(ans, "answer_start", int, aw, low=0))
+                _check_answers(context, texts, starts, qw)
                 if not texts and not impossible:
                     raise UserError(f"{qw}: no answers and not is_impossible")
                 out.append(SquadExample(qid, field_of(qa, "question", str, qw), context, texts, starts))
     if not out:
         raise UserError(f"{path}: no questions")
+    return out
+
+
+def _check_answers(context: str, texts: list[str], starts: list[int], where: str) -> None:
+    for m, (text, start) in enumerate(zip(texts, starts)):
+        if context[start:start + len(text)] != text:
+            raise UserError(f"{where}.answers[{m}]: answer_start {start} does not point at {text[:40]!r} in the context")
+
+
+# -- the Hugging Face hub
+
+def load_hub(repo: str, config: str | None, spec: str):
+    """REPO's splits (the `datasets` DatasetDict) from the hub, or offline from the local
+    datasets cache; UserError when neither has it."""
+    import datasets  # heavy: only a task without --data_dir needs it
+    try:
+        return datasets.load_dataset(repo, config)
+    except Exception as e:  # offline, unreachable, not cached, a changed repo: many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"--task {spec}: no --data_dir, and {repo}{'/' + config if config else ''} could not be read "
+                        f"from the Hugging Face hub or the local datasets cache ({type(e).__name__}: {first}); "
+                        "give --data_dir with the task's files") from None
+
+
+def _hub_split(splits, name: str, where: str):
+    if name not in splits:
+        raise UserError(f"{where}: no split {name!r} (it has {', '.join(splits)})")
+    return splits[name]
+
+
+def _hub_columns(rows, columns: tuple[str, ...], where: str) -> None:
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise UserError(f"{where}: no column {missing[0]!r} (it has {', '.join(rows.column_names)})")
+
+
+def glue_from_hub(name: str, splits) -> Task:
+    """GLUE task NAME from nyu-mll/glue's splits (train; validation, MNLI's validation_matched and
+    _mismatched), with the labels of the TSV layout: a hub class is ours by name (MNLI, QNLI, RTE)
+    or by id (the others' "0"/"1"), so both sources make the same task."""
+    g = GLUE[name]
+    task = Task(f"glue:{name}", REGRESSION if g.labels is None else CLASSIFICATION, list(g.labels or []), g.metrics)
+    where = f"{HUB['glue']}/{name}"
+    task.train = _glue_hub_examples(_hub_split(splits, "train", where), g, f"{where}:train")
+    task.dev = {d: _glue_hub_examples(_hub_split(splits, "validation" + d[3:], where), g, f"{where}:validation{d[3:]}")
+                for d in g.dev}
+    return task
+
+
+def _glue_hub_examples(rows, g: GlueSpec, where: str) -> list[Example]:
+    _hub_columns(rows, (*g.hub, "label"), where)
+    names = getattr(rows.features["label"], "names", None)
+    out = []
+    for i, row in enumerate(rows):
+        value = row["label"]
+        if g.labels is None:
+            label = _glue_label(str(value), g, f"{where}:{i}")
+        else:
+            hub_name = names[value] if names and 0 <= value < len(names) else None
+            label = _glue_label(hub_name if hub_name in g.labels else str(value), g, f"{where}:{i}")
+        out.append(Example(tuple(check_value(row[c], str, f"{where}:{i}: column {c!r}") for c in g.hub), label,
+                           f"{where}:{i}"))
+    if not out:
+        raise UserError(f"{where}: no examples")
+    return out
+
+
+def squad_from_hub(version: str, splits) -> Task:
+    """SQuAD from rajpurkar/squad or squad_v2 (train, validation): an empty answer list is an
+    unanswerable question (v2 only)."""
+    repo = HUB[version]
+    parts = [_squad_hub_examples(_hub_split(splits, split, repo), version == "v2", f"{repo}:{split}")
+             for split in ("train", "validation")]
+    return Task(f"squad:{version}", SQUAD, [], ("exact_match", "f1"), parts[0], {"dev": parts[1]})
+
+
+def _squad_hub_examples(rows, v2: bool, where: str) -> list[SquadExample]:
+    _hub_columns(rows, ("id", "question", "context", "answers"), where)
+    out = []
+    for i, row in enumerate(rows):
+        w = f"{where}:{i}"
+        answers = check_value(row["answers"], dict, f"{w}: answers")
+        texts, starts = list(answers.get("text") or []), list(answers.get("answer_start") or [])
+        if len(texts) != len(starts):
+            raise UserError(f"{w}: {len(texts)} answer texts but {len(starts)} answer starts")
+        _check_answers(row["context"], texts, starts, w)
+        if not texts and not v2:
+            raise UserError(f"{w}: an unanswerable question (no answers) in a SQuAD v1.1 task: use squad:v2")
+        out.append(SquadExample(str(row["id"]), row["question"], row["context"], texts, starts))
+    if not out:
+        raise UserError(f"{where}: no questions")
     return out
 
 

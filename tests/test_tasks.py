@@ -12,7 +12,8 @@ from data_prep.tokenizer import embedded_vocab
 from pipeline import task_metrics as tm
 from pipeline.errors import UserError
 from pipeline.squad import decode, featurize
-from pipeline.tasks import CLASSIFICATION, GLUE, REGRESSION, SQUAD, TaskArgs, load_task
+from pipeline.tasks import (CLASSIFICATION, GLUE, REGRESSION, SQUAD, TaskArgs, glue_from_hub, load_task, read_squad,
+                            squad_from_hub)
 
 
 def gensim_text(name: str) -> list[str]:
@@ -117,6 +118,65 @@ def test_glue_bad_inputs(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     task = load_task("glue:qqp", TaskArgs(data_dir=tmp_path))
     assert len(task.train) == 11 and "skipped 1 row" in task.notes[0]
+
+
+# -- the Hugging Face hub's copies: the same tasks as the files
+
+# nyu-mll/glue's label classes (its dataset card); STS-B's label is a float
+HUB_LABELS = {"cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
+              "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
+              "mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
+              "rte": ["entailment", "not_entailment"], "wnli": ["not_entailment", "entailment"]}
+
+
+def hub_glue(name: str, n=12):
+    """nyu-mll/glue's splits for NAME as `datasets` loads them (columns, ClassLabel), same rows as write_glue."""
+    import datasets
+    g, names = GLUE[name], HUB_LABELS.get(name)
+    label = datasets.Value("float32") if names is None else datasets.ClassLabel(names=names)
+    features = datasets.Features({**{c: datasets.Value("string") for c in g.hub}, "label": label,
+                                  "idx": datasets.Value("int32")})
+    cols = {c: [] for c in features}
+    for i in range(n):
+        texts, y = GLUE_ROWS[name](i)
+        for c, t in zip(g.hub, texts):
+            cols[c].append(t)
+        cols["label"].append(y if names is None else names.index(str(y)) if str(y) in names else int(y))
+        cols["idx"].append(i)
+    split = datasets.Dataset.from_dict(cols, features=features)
+    return datasets.DatasetDict({"train": split, **{"validation" + d[3:]: split for d in g.dev}})
+
+
+@pytest.mark.parametrize("name", list(GLUE))
+def test_glue_from_the_hub_is_the_task_from_the_files(tmp_path, name):
+    files = load_task(f"glue:{name}", TaskArgs(data_dir=write_glue(tmp_path, name, GLUE_ROWS[name])))
+    hub = glue_from_hub(name, hub_glue(name))
+    assert (hub.kind, hub.labels, hub.metrics, list(hub.dev)) == (files.kind, files.labels, files.metrics, list(files.dev))
+    for a, b in [(hub.train, files.train)] + [(hub.dev[d], files.dev[d]) for d in files.dev]:
+        assert [e.texts for e in a] == [e.texts for e in b]
+        assert [e.label for e in a] == pytest.approx([e.label for e in b], rel=1e-6)  # STS-B: float32 there
+
+
+def test_squad_from_the_hub_and_bad_hub_input(tmp_path):
+    import datasets
+    path = squad_file(tmp_path / "dev-v2.0.json", True, "v2.0")
+    ref = read_squad(path, v2=True)
+    rows = [{"id": e.id, "title": "lee", "context": e.context, "question": e.question,
+             "answers": {"text": e.answers, "answer_start": e.starts}} for e in ref]
+    split = datasets.Dataset.from_list(rows)
+    task = squad_from_hub("v2", datasets.DatasetDict({"train": split, "validation": split}))
+    assert task.kind == SQUAD and [vars(e) for e in task.dev["dev"]] == [vars(e) for e in ref]
+    assert any(not e.answers for e in task.train)  # v2's unanswerable questions
+    with pytest.raises(UserError, match=r"rajpurkar/squad:train:3: an unanswerable question"):
+        squad_from_hub("v1", datasets.DatasetDict({"train": split, "validation": split}))
+    rows[1]["answers"] = {"text": ["not there"], "answer_start": [0]}
+    with pytest.raises(UserError, match=r"rajpurkar/squad_v2:train:1.answers\[0\]: answer_start 0 does not point"):
+        squad_from_hub("v2", datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "validation": split}))
+    with pytest.raises(UserError, match=r"nyu-mll/glue/mnli: no split 'validation_matched'"):
+        glue_from_hub("mnli", datasets.DatasetDict({"train": hub_glue("mnli")["train"]}))
+    # no --data_dir, offline (as the tests run) and nothing cached: a clear error, not a traceback
+    with pytest.raises(UserError, match=r"no --data_dir, and nyu-mll/glue/sst2 could not be read .* give --data_dir"):
+        load_task("glue:sst2", TaskArgs())
 
 
 # -- CSV and JSONL

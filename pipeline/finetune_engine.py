@@ -1,0 +1,138 @@
+"""How fine-tuning applies an optimizer step: plain PyTorch (one process, or DDP under torchrun) or
+DeepSpeed (--deepspeed_config: its precision, ZeRO stage and gradient clipping, on any launcher).
+Both engines offer the same calls, so the loop in pipeline/finetune.py does not branch on which
+one runs:
+
+    engine.module                  the TaskModel (the search, evaluation and the export read it)
+    engine.step(batch, lr)         forward, backward, clipping and the optimizer step: the loss
+    engine.weights()               the fp32 weights, ZeRO partitions gathered (a collective)
+    engine.save(dir) / load(dir)   the weights and the optimizer's state (a collective)
+
+Both run AdamW with fine-tuning's own --lr schedule and --weight_decay: a DeepSpeed config's
+`optimizer` and `scheduler` blocks describe pre-training and are left out (a note says so), and
+its batch keys are set from --batch_size (micro batch = --batch_size / processes, no accumulation).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import deepspeed
+import torch
+from safetensors.torch import load_file, save_file
+
+from .engine import full_weights, load_ds_config
+from .errors import UserError
+from .model import param_groups
+from .trusted import trust_checkpoints
+
+MAX_GRAD_NORM = 1.0  # BERT's fine-tuning clipping (plain PyTorch; DeepSpeed: the config's gradient_clipping)
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """BERT's fine-tuning optimizer: no decay on biases, LayerNorm and gates."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, eps=1e-8)
+
+
+def checked(loss: torch.Tensor, step: int) -> torch.Tensor:
+    if not torch.isfinite(loss):
+        raise UserError(f"step {step + 1}: the loss is {loss.item()} (lower --lr?)")
+    return loss
+
+
+class TorchEngine:
+    """AdamW and clipping at 1.0; DDP when there are several processes; bf16 autocast on CUDA."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, world: int, device: torch.device):
+        self.module, self.device = model.to(device), device
+        self.optimizer = adamw(model, lr, weight_decay)
+        self.net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def describe(self) -> str:
+        return "plain PyTorch" + (" (DDP)" if self.net is not self.module else "")
+
+    def step(self, batch: dict, lr: float, step: int) -> torch.Tensor:
+        self.net.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss, _ = self.net(**batch)
+        checked(loss, step).backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().contiguous() for k, v in self.module.state_dict().items()}
+
+    def save(self, directory: Path, rank: int) -> None:
+        weights = self.weights()
+        if rank == 0:
+            save_file(weights, str(directory / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        self.module.load_state_dict(load_file(str(directory / "model.safetensors")))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+
+
+def finetune_ds_config(path: Path, batch_size: int, world: int) -> tuple[dict, list[str]]:
+    """PATH's DeepSpeed config for fine-tuning, and notes on what fine-tuning replaced in it."""
+    cfg = load_ds_config(path, max_steps=1, world=world)  # the same checks as pre-training's
+    notes = [f"{path}: its {k} block is not used: fine-tuning runs AdamW at --lr with its own schedule"
+             for k in ("optimizer", "scheduler") if cfg.pop(k, None) is not None]
+    micro = batch_size // world
+    if (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) != (micro, 1):
+        notes.append(f"{path}: micro batch {micro} per process and no accumulation (from --batch_size "
+                     f"{batch_size} over {world} process(es)), not the config's "
+                     f"{cfg['train_micro_batch_size_per_gpu']} x {cfg['gradient_accumulation_steps']}")
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, train_batch_size=batch_size)
+    return cfg, notes
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine around the model with fine-tuning's AdamW as its client optimizer."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, config: dict, source: Path,
+                 device: torch.device):
+        self.source = source
+        model.to(device)
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw(model, lr, weight_decay),
+                                                        config=config)
+        except Exception as e:  # DeepSpeed raises assertion/validation/value errors for bad configs
+            raise UserError(f"{source}: DeepSpeed rejected the config ({type(e).__name__}: {e})") from None
+        trust_checkpoints(self.engine)  # loading RUN/checkpoint cannot run code
+        self.module = self.engine.module
+
+    def describe(self) -> str:
+        stage = self.engine.zero_optimization_stage()
+        precision = "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
+        return f"DeepSpeed ({self.source}: ZeRO-{stage}, {precision})"
+
+    def step(self, batch: dict, lr: float, step: int) -> torch.Tensor:
+        self.engine.train()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        loss, _ = self.engine(**batch)
+        self.engine.backward(checked(loss, step))
+        self.engine.step()
+        return loss.detach()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return full_weights(self.engine)
+
+    def save(self, directory: Path, rank: int) -> None:
+        """DeepSpeed's checkpoint in DIR/deepspeed (every rank writes its partition), and the fp32
+        weights as model.safetensors (what the export and other readers take)."""
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
+        weights = self.weights()
+        if rank == 0:
+            save_file(weights, str(directory / "model.safetensors"))
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed")
+        if path is None:
+            raise UserError(f"{directory / 'deepspeed'}: no DeepSpeed checkpoint (was RUN made without "
+                            "--deepspeed_config?)")
