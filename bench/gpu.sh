@@ -8,7 +8,8 @@
 # is installed into the machine's Python; skipped when DeepSpeed already imports), runs the code
 # from this checkout through PYTHONPATH, then
 #   tests: the CUDA tests (tests/gpu, marked gpu): every shipped GPU config, fp16 overflow steps,
-#          --compile, kill -9 and resume, the EarlyBERT loop, the attention paths;
+#          --compile, kill -9 and resume, the EarlyBERT loop, the attention paths, and fine-tuning
+#          of a pruned export (plain PyTorch, DeepSpeed ZeRO-2/3 with a resume, EarlyBERT);
 #   bench: bench/train_step.py (bert-base and bert-large, bf16, seq 128: ours vs transformers) and
 #          bench/earlybird.py (bert-base, the paper's ticket, --ffn_multiple 1 and 64).
 # Prints a short table last and writes JSON (and logs) to OUT_DIR. Exit status: non-zero when a

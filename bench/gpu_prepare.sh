@@ -12,7 +12,8 @@
 #                       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
 #                           --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   bench/gpu_data/   a small real data set: gensim's shortened English Wikipedia dump tokenized
-#                     with bert-base-uncased's vocabulary, seq_len 128, ~380 validation sequences.
+#                     with bert-base-uncased's vocabulary, seq_len 128, ~380 validation sequences;
+#                     and polarity.jsonl, gensim's 200 labeled movie-review sentences (fine-tuning).
 # and checks that what travels (tracked + untracked-not-ignored files + those two) stays <= 60 MiB.
 set -euo pipefail
 
@@ -220,6 +221,20 @@ else
     fi
     data_ok || { echo "gpu_prepare: $DATA does not verify after its build" >&2; exit 1; }
 fi
+
+# ------------------------------------------------------------------ 3b. labeled text for fine-tuning
+# tests/gpu/test_gpu_finetune.py's task: the 200 real movie-review sentences with their polarity
+# that gensim's test data ships (the GPU image has no gensim), as JSONL.
+"$PY" - "$DATA/polarity.jsonl" <<'EOF'
+import json, sys
+from pathlib import Path
+import gensim
+src = Path(gensim.__file__).parent / "test" / "test_data" / "pang_lee_polarity.cor"
+lines = [s.strip() for s in src.read_text(encoding="cp1252").splitlines() if s.strip()]
+rows = [{"text": s.split(" ", 1)[1], "label": "pos" if s.startswith("__label__pos") else "neg"} for s in lines]
+Path(sys.argv[1]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+print(f"== {sys.argv[1]}: {len(rows)} labeled sentences")
+EOF
 
 # ------------------------------------------------------------------ 4. what travels
 sizes=$("$PY" - "$WHL" "$DATA" <<'EOF'

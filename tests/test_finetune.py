@@ -239,11 +239,17 @@ def test_finetune_bad_input_is_refused_before_run_exists(tmp_path, pruned, polar
 def test_earlybert_fine_tuning_end_to_end(tmp_path, dense, polarity):
     """--earlybird on: gates and L1 over the first epoch's search, the ticket (1 of 4 heads and 40 %
     of FFN neurons pruned, rewound to the pre-trained weights), the ticket fine-tuned at twice the
-    LR; a stop inside the search resumes bit-identically; --ticket random keeps the ticket's shape."""
+    LR; the early-bird monitor watches it; a stop inside the search resumes bit-identically (and
+    the unwatched run ends the same); --ticket random keeps the ticket's shape."""
     eb = ("--earlybird", "on", "--search_fraction", "1.0", "--ticket_epochs", "1")
     run = tmp_path / "eb"
+    # the early-bird monitor watches this one, as in pre-training (the runs below go without it)
+    monitor = subprocess.Popen([sys.executable, "-m", "pipeline.monitor", "--run_dir", str(run), "--poll", "0.1"],
+                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
     r = classify(dense, polarity, run, *eb, epochs=1)
     assert r.returncode == 0, r.stderr[-3000:]
+    _, err = monitor.communicate(timeout=120)
+    assert monitor.returncode == 0 and "the pruned model is written; stopping" in err, err[-2000:]
     res = json.loads((run / "results.json").read_text())
     e = res["earlybird"]
     assert res["phase"] == "efficient" and e["heads"] == [3, 3, 3, 3] and e["weights"] == "rewind"
@@ -258,6 +264,9 @@ def test_earlybert_fine_tuning_end_to_end(tmp_path, dense, polarity):
     assert lrs["efficient"] == pytest.approx(2e-4) and lrs["search"] <= 1e-4
     assert [r["step"] for r in m if r["phase"] == "eval"] == [t + 10]
     assert len(list((run / "gates").glob("step-*.npz"))) == t
+    watched = [json.loads(line) for line in (run / "earlybird" / "distances.jsonl").read_text().splitlines()]
+    assert [w["step"] for w in watched] == list(range(1, t + 1))
+    assert (run / "earlybird" / "pairwise_heads.png").exists()
     report = same_as_auto_class(run, dense, f"jsonl:{polarity}",
                                 TaskArgs(text_fields=("text",), label_field="label", dev_fraction=0.25),
                                 "AutoModelForSequenceClassification")
