@@ -3,6 +3,7 @@ BERT directory) on a task, and evaluates it with the task's official metrics aft
 
     python -m pipeline.finetune --model DIR --task TASK --out RUN [--data_dir DIR]
         [--epochs 3] [--lr 2e-5] [--batch_size 32] [--max_seq_len 128] [--seed 0] [--warmup 0.1]
+        [--dropout P] [--deepspeed_config ds_configs/X.json]
         [--text_fields a[,b] --label_field y (--dev PATH | --dev_fraction F) [--task_type ...]]
         [--earlybird on|off] [--search_fraction 0.2] [--ticket_epochs 2] [--ticket_lr_scale 2]
         [EarlyBERT search flags: --l1 --prune_heads --prune_ffn --ticket --ticket_weights ...]
@@ -10,7 +11,10 @@ BERT directory) on a task, and evaluates it with the task's official metrics aft
 
 TASK: glue:NAME (cola sst2 mrpc stsb qqp mnli qnli rte wnli, GLUE's layout in --data_dir),
 squad:v1 / squad:v2 (train-v1.1.json, dev-v1.1.json, ... in --data_dir), csv:PATH, jsonl:PATH.
-Plain PyTorch on one process, or DDP under torchrun (the batch is split over the processes).
+GLUE and SQuAD without --data_dir: the Hugging Face hub (or the local datasets cache).
+Engines (pipeline/finetune_engine.py): plain PyTorch on one process or DDP under torchrun; with
+--deepspeed_config, DeepSpeed under the deepspeed launcher, torchrun or python. --batch_size is
+the global batch, split evenly over the processes.
 
 --earlybird on (the paper's fine-tuning protocol, in one command): gates on every head and FFN
 neuron and the L1 term over --search_fraction of the first epoch, snapshots to RUN/gates/ and the
