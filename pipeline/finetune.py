@@ -5,7 +5,8 @@ BERT directory) on a task, and evaluates it with the task's official metrics aft
         [--epochs 3] [--lr 2e-5] [--batch_size 32] [--max_seq_len 128] [--seed 0] [--warmup 0.1]
         [--dropout P] [--deepspeed_config ds_configs/X.json]
         [--text_fields a[,b] --label_field y (--dev PATH | --dev_fraction F) [--task_type ...]]
-        [--earlybird on|off] [--search_fraction 0.2] [--ticket_epochs 2] [--ticket_lr_scale 2]
+        [--earlybird on|off] [--search_fraction 0.2] [--search_floor_steps 50] [--ticket_epochs 2]
+        [--ticket_lr_scale 2]
         [EarlyBERT search flags: --l1 --prune_heads --prune_ffn --ticket --ticket_weights ...]
         [--wandb_project P] [--wandb_mode ...]
 
@@ -17,7 +18,8 @@ Engines (pipeline/finetune_engine.py): plain PyTorch on one process or DDP under
 the global batch, split evenly over the processes.
 
 --earlybird on (the paper's fine-tuning protocol, in one command): gates on every head and FFN
-neuron and the L1 term over --search_fraction of the first epoch, snapshots to RUN/gates/ and the
+neuron and the L1 term over --search_fraction of the first epoch (raised to --search_floor_steps,
+at most half the epoch), snapshots to RUN/gates/ and the
 early-bird rule on them (pipeline/search.py, the same object pre-training calls: a monitor can
 watch), the ticket (or the fallback at the search's end) pruned into RUN/pruned/ (by default 4 of
 12 heads and 40 % of FFN neurons, rewound to the pre-trained weights), then the ticket fine-tuned
@@ -107,6 +109,12 @@ def setup() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def search_length(fraction: float, floor: int, epoch: int) -> int:
+    """The searching stage's steps: FRACTION of the first EPOCH's steps, raised to FLOOR, but by
+    the floor to at most half the epoch (a longer search eats the time the ticket saves)."""
+    return max(1, math.ceil(fraction * epoch), min(floor, math.ceil(epoch / 2)))
+
+
 class Finetune:
     def __init__(self, s: FinetuneSettings, search: SearchSettings, rank: int, world: int, device: torch.device):
         """Reads and checks everything (task, model, tokenizer, RUN); writes nothing."""
@@ -129,7 +137,8 @@ class Finetune:
         self.search_settings = None
         if s.earlybird == "on":
             search.check_model(self.model.config.heads)
-            self.search_settings = search.for_search_length(max(1, math.ceil(s.search_fraction * self.steps_per_epoch)))
+            self.search_settings = search.for_search_length(
+                search_length(s.search_fraction, s.search_floor_steps, self.steps_per_epoch))
         self.identity = {"model": self.model.config.to_dict(), "finetune": s.identity(),
                          "search": None if self.search_settings is None else self.search_settings.to_record()}
         recorded = self.run.read_identity()

@@ -318,6 +318,10 @@ class FinetuneSettings:
                                     "first epoch, the ticket, then the ticket fine-tuned); off: dense fine-tuning",
                              choices=("on", "off"))
     search_fraction: float = setting(0.2, "--earlybird on: the searching stage's length, a fraction of the first epoch")
+    search_floor_steps: int = setting(50, "--earlybird on: a search shorter than this many steps is raised to it, "
+                                          "or to half the first epoch if that is less: a fraction of a small task's "
+                                          "epoch is too few steps for the gates to part (bench/RESULTS.md); 0: the "
+                                          "fraction alone")
     ticket_epochs: int = setting(2, "--earlybird on: epochs the ticket is fine-tuned for (the paper: 2, dense 3)")
     ticket_lr_scale: float = setting(2.0, "--earlybird on: the ticket's LR is --lr times this (the paper: 2)")
     wandb_project: str | None = setting(None, "W&B project (none: no W&B)")
@@ -341,6 +345,7 @@ class FinetuneSettings:
         if not 0 < self.search_fraction <= 1:
             raise UserError(f"--search_fraction {self.search_fraction}: must be in (0, 1]")
         _at_least("ticket_epochs", self.ticket_epochs, 1)
+        _at_least("search_floor_steps", self.search_floor_steps, 0)
         if not self.ticket_lr_scale > 0:
             raise UserError(f"--ticket_lr_scale {self.ticket_lr_scale}: must be > 0")
 

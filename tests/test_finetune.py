@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli
 from pipeline.earlybird import random_masks
-from pipeline.finetune import main as finetune_main
+from pipeline.finetune import main as finetune_main, search_length
 from pipeline.hf import export
 from pipeline.model import BertConfig, BertForMLM
 from pipeline.prune import prune
@@ -340,3 +340,15 @@ def test_finetune_under_torchrun_and_deepspeed(tmp_path, pruned, polarity):
         got_rows = [r for r in rows(run) if r["phase"] == "finetune"]
         assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows] == list(range(1, 16))
         assert [r["loss"] for r in got_rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-4)
+
+
+def test_search_length_has_a_floor_of_at_most_half_an_epoch():
+    """The paper's 0.2 of the first epoch where an epoch has 250 steps or more; below that the
+    search is raised to --search_floor_steps, or to half the epoch if that is less."""
+    assert search_length(0.2, 50, 2105) == 421    # SST-2 at batch 32: the paper's fraction
+    assert search_length(0.2, 50, 115) == 50      # MRPC
+    assert search_length(0.2, 50, 78) == 39       # RTE: half its epoch
+    assert search_length(0.2, 50, 19) == 10       # bench.finetune
+    assert search_length(0.2, 0, 19) == 4         # --search_floor_steps 0: the fraction alone
+    assert search_length(1.0, 50, 19) == 19       # a larger fraction is kept
+    assert search_length(0.01, 0, 5) == 1
