@@ -89,8 +89,8 @@ def parse_args(argv=None) -> tuple[FinetuneSettings, SearchSettings]:
 
 
 def setup() -> tuple[int, int, torch.device]:
-    """torchrun's process group, or a group of one (gloo on CPU, NCCL on a GPU): the search's
-    collectives (pipeline/dist.py) run the same either way."""
+    """The launcher's process group (torchrun, deepspeed), or a group of one (gloo on CPU, NCCL on
+    a GPU): the search's collectives (pipeline/dist.py) run the same either way."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -139,8 +139,11 @@ class Finetune:
             search.check_model(self.model.config.heads)
             self.search_settings = search.for_search_length(
                 search_length(s.search_fraction, s.search_floor_steps, self.steps_per_epoch))
+        # the processes and the DeepSpeed config's content too: ZeRO partitions (and the batch
+        # split) follow them, so a resume with others is refused here, not in DeepSpeed
         self.identity = {"model": self.model.config.to_dict(), "finetune": s.identity(),
-                         "search": None if self.search_settings is None else self.search_settings.to_record()}
+                         "search": None if self.search_settings is None else self.search_settings.to_record(),
+                         "processes": world, "deepspeed": self.ds_config}
         recorded = self.run.read_identity()
         if recorded is not None and recorded != json.loads(json.dumps(self.identity)):
             raise UserError(f"{self.run.run_json}: RUN was started with other settings "
@@ -157,14 +160,19 @@ class Finetune:
     def _changed(self, recorded: dict) -> str:
         before, now = recorded.get("finetune", {}), self.identity["finetune"]
         changed = [f"--{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+        if not changed and recorded.get("processes") != self.identity["processes"]:
+            changed = [f"{recorded.get('processes')} process(es) -> {self.identity['processes']}"]
+        if not changed and recorded.get("deepspeed") != self.identity["deepspeed"]:
+            changed = [f"the content of {self.s.deepspeed_config}"]
         return ", ".join(changed) or "the model or the EarlyBERT settings"
 
     def build_engine(self) -> None:
         """The engine around the model now trained (the efficient stage rebuilds it for the ticket)."""
         s = self.s
-        self.engine = TorchEngine(self.model, s.lr, s.weight_decay, self.world, self.device) \
+        self.engine = TorchEngine(self.model, s.lr, s.weight_decay, self.comm, self.world, self.device) \
             if self.ds_config is None else \
-            DeepSpeedEngine(self.model, s.lr, s.weight_decay, self.ds_config, s.deepspeed_config, self.device)
+            DeepSpeedEngine(self.model, s.lr, s.weight_decay, self.ds_config, s.deepspeed_config, self.comm,
+                            self.world, self.device)
         self.model = self.engine.module
         self.model.l1 = self.search_settings.l1 if self.phase == SEARCH else 0.0
 
@@ -264,6 +272,8 @@ class Finetune:
         if ticket is None:
             return False
         self.search.prune(state, ticket, self.metrics.summary)
+        self.search = None
+        self.engine.close()  # the dense model's optimizer state and buffers go before the ticket's come
         self.enter_efficient(state.step)
         self.build_engine()
         self.log(f"fine-tuning the ticket (heads {self.model.config.heads}, FFN {self.model.config.ffn}) for "
@@ -272,8 +282,6 @@ class Finetune:
 
     def train_step(self, batch: dict, step: int) -> float:
         loss = self.engine.step(batch, self.lr_at(step), step)
-        if self.world > 1:  # the global batch's loss: the mean of the processes' equal shares
-            loss = self.comm.sum(self.comm.zeros(1).copy_(loss.reshape(1))) / self.world
         if self.phase == SEARCH:  # the task's loss, logged without the L1 term (as pre-training logs it)
             return loss.item() - self.model.l1 * float(self.model.last_penalty)
         return loss.item()

@@ -4,9 +4,12 @@ Both engines offer the same calls, so the loop in pipeline/finetune.py does not 
 one runs:
 
     engine.module                  the TaskModel (the search, evaluation and the export read it)
-    engine.step(batch, lr)         forward, backward, clipping and the optimizer step: the loss
+    engine.step(batch, lr, step)   forward, backward, clipping and the optimizer step: the global
+                                   batch's loss (every process's share averaged; a collective)
     engine.weights()               the fp32 weights, ZeRO partitions gathered (a collective)
-    engine.save(dir) / load(dir)   the weights and the optimizer's state (a collective)
+    engine.save(dir, rank)         the weights and the optimizer's state (a collective)
+    engine.load(dir)
+    engine.close()                 frees what the engine holds (the search's, when the ticket starts)
 
 Both run AdamW with fine-tuning's own --lr schedule and --weight_decay: a DeepSpeed config's
 `optimizer` and `scheduler` blocks describe pre-training and are left out (a note says so), and
@@ -20,7 +23,8 @@ import deepspeed
 import torch
 from safetensors.torch import load_file, save_file
 
-from .engine import full_weights, load_ds_config
+from .dist import Comm
+from .engine import full_weights, load_ds_config, training_dtype
 from .errors import UserError
 from .model import param_groups
 from .trusted import trust_checkpoints
@@ -33,17 +37,23 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, eps=1e-8)
 
 
-def checked(loss: torch.Tensor, step: int) -> torch.Tensor:
-    if not torch.isfinite(loss):
-        raise UserError(f"step {step + 1}: the loss is {loss.item()} (lower --lr?)")
-    return loss
+def global_loss(loss: torch.Tensor, comm: Comm, world: int, step: int) -> torch.Tensor:
+    """The global batch's loss (the mean of the processes' equal shares), checked on every
+    process before backward, so a non-finite loss on one stops all of them alike."""
+    total = loss.detach()
+    if world > 1:
+        total = comm.sum(comm.zeros(1).copy_(total.reshape(1)))[0] / world
+    if not torch.isfinite(total):
+        raise UserError(f"step {step + 1}: the loss is {total.item()} (lower --lr?)")
+    return total
 
 
 class TorchEngine:
     """AdamW and clipping at 1.0; DDP when there are several processes; bf16 autocast on CUDA."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, world: int, device: torch.device):
-        self.module, self.device = model.to(device), device
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, comm: Comm, world: int,
+                 device: torch.device):
+        self.module, self.comm, self.world, self.device = model.to(device), comm, world, device
         self.optimizer = adamw(model, lr, weight_decay)
         self.net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -57,11 +67,15 @@ class TorchEngine:
             group["lr"] = lr
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss, _ = self.net(**batch)
-        checked(loss, step).backward()
+        total = global_loss(loss, self.comm, self.world, step)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return total
+
+    def close(self) -> None:
+        self.net = self.optimizer = None
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().contiguous() for k, v in self.module.state_dict().items()}
@@ -95,8 +109,8 @@ class DeepSpeedEngine:
     """DeepSpeed's engine around the model with fine-tuning's AdamW as its client optimizer."""
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, config: dict, source: Path,
-                 device: torch.device):
-        self.source = source
+                 comm: Comm, world: int, device: torch.device):
+        self.source, self.config, self.comm, self.world = source, config, comm, world
         model.to(device)
         try:
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw(model, lr, weight_decay),
@@ -107,18 +121,23 @@ class DeepSpeedEngine:
         self.module = self.engine.module
 
     def describe(self) -> str:
-        stage = self.engine.zero_optimization_stage()
-        precision = "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
-        return f"DeepSpeed ({self.source}: ZeRO-{stage}, {precision})"
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(training_dtype(self.config), "fp32")
+        autocast = " autocast" if self.config.get("torch_autocast", {}).get("enabled") else ""
+        return f"DeepSpeed ({self.source}: ZeRO-{self.engine.zero_optimization_stage()}, {precision}{autocast})"
 
     def step(self, batch: dict, lr: float, step: int) -> torch.Tensor:
         self.engine.train()
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         loss, _ = self.engine(**batch)
-        self.engine.backward(checked(loss, step))
+        total = global_loss(loss, self.comm, self.world, step)
+        self.engine.backward(loss)
         self.engine.step()
-        return loss.detach()
+        return total
+
+    def close(self) -> None:
+        self.engine.destroy()
+        self.engine = self.module = None
 
     def weights(self) -> dict[str, torch.Tensor]:
         return full_weights(self.engine)
@@ -132,7 +151,12 @@ class DeepSpeedEngine:
             save_file(weights, str(directory / "model.safetensors"))
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed")
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed")
+        except UserError:  # the data-only loader's refusal names the file
+            raise
+        except Exception as e:  # DeepSpeed asserts and raises its own types for a checkpoint it cannot use
+            raise UserError(f"{directory / 'deepspeed'}: DeepSpeed cannot resume from it ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
         if path is None:
-            raise UserError(f"{directory / 'deepspeed'}: no DeepSpeed checkpoint (was RUN made without "
-                            "--deepspeed_config?)")
+            raise UserError(f"{directory / 'deepspeed'}: no DeepSpeed checkpoint")

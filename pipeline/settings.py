@@ -317,7 +317,8 @@ class FinetuneSettings:
     earlybird: str = setting("off", "on: EarlyBERT during fine-tuning (gates and L1 over --search_fraction of the "
                                     "first epoch, the ticket, then the ticket fine-tuned); off: dense fine-tuning",
                              choices=("on", "off"))
-    search_fraction: float = setting(0.2, "--earlybird on: the searching stage's length, a fraction of the first epoch")
+    search_fraction: float = setting(0.2, "--earlybird on: the searching stage's length, a fraction of the first "
+                                          "epoch (see --search_floor_steps)")
     search_floor_steps: int = setting(50, "--earlybird on: a search shorter than this many steps is raised to it, "
                                           "or to half the first epoch if that is less: a fraction of a small task's "
                                           "epoch is too few steps for the gates to part (bench/RESULTS.md); 0: the "

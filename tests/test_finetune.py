@@ -246,9 +246,12 @@ def test_earlybert_fine_tuning_end_to_end(tmp_path, dense, polarity):
     # the early-bird monitor watches this one, as in pre-training (the runs below go without it)
     monitor = subprocess.Popen([sys.executable, "-m", "pipeline.monitor", "--run_dir", str(run), "--poll", "0.1"],
                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
-    r = classify(dense, polarity, run, *eb, epochs=1)
-    assert r.returncode == 0, r.stderr[-3000:]
-    _, err = monitor.communicate(timeout=120)
+    try:
+        r = classify(dense, polarity, run, *eb, epochs=1)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _, err = monitor.communicate(timeout=120)
+    finally:
+        monitor.kill()
     assert monitor.returncode == 0 and "the pruned model is written; stopping" in err, err[-2000:]
     res = json.loads((run / "results.json").read_text())
     e = res["earlybird"]

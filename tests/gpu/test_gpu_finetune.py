@@ -70,7 +70,7 @@ def finite_run(run: Path) -> dict:
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses and all(math.isfinite(x) for x in losses)
     weights = load_file(str(run / "final" / "model.safetensors"))
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
     return res
 
 
