@@ -7,8 +7,17 @@ Objects (the ticket) go through broadcast_object_list, which moves them itself.
 """
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A free local TCP port, for a process group of one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def collective_device(device: torch.device) -> torch.device:

@@ -3,7 +3,6 @@ check, the model and the DeepSpeed engine; and reading full fp32 weights back ou
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import deepspeed
@@ -11,6 +10,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from data_prep.manifest import load_manifest, verify
+from pipeline.dist import free_port
 from pipeline.errors import UserError
 from pipeline.hf import load_pretrained
 from pipeline.model import PRESETS, BertConfig, BertForMLM, LayerNames, is_gate
@@ -21,11 +21,8 @@ from pipeline.trusted import trust_checkpoints
 
 def setup_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # plain `python -m pipeline.train`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     if cuda:  # before the process group: NCCL binds each rank to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -46,17 +46,17 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from data_prep.files import atomic_write_json, fsync_tree, replace_dir
 from pipeline import task_metrics as tm
-from pipeline.dist import Comm
+from pipeline.dist import Comm, free_port
 from pipeline.errors import UserError, exit_on_user_error, writing
 from pipeline.finetune_engine import DeepSpeedEngine, TorchEngine, finetune_ds_config
 from pipeline.metrics import Metrics
@@ -100,10 +100,7 @@ def setup() -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if cuda else "gloo")
     else:  # a group of one on a free local port, the environment left alone but for DeepSpeed's LOCAL_RANK
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it is set
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
@@ -375,8 +372,10 @@ class Finetune:
                 tmp.mkdir()
             self.comm.barrier()
             self.engine.save(tmp, self.rank)
+            weights = self.engine.weights()  # fp32, gathered: what the export and other readers take
             self.comm.barrier()
             if self.rank == 0:
+                save_file(weights, str(tmp / "model.safetensors"))
                 torch.save({"rng": torch.get_rng_state()}, tmp / "trainer.pt")
                 atomic_write_json(tmp / "state.json", {"phase": self.phase, "state": state.to_dict()})
                 fsync_tree(tmp)

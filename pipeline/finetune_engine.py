@@ -7,8 +7,8 @@ one runs:
     engine.step(batch, lr, step)   forward, backward, clipping and the optimizer step: the global
                                    batch's loss (every process's share averaged; a collective)
     engine.weights()               the fp32 weights, ZeRO partitions gathered (a collective)
-    engine.save(dir, rank)         the weights and the optimizer's state (a collective)
-    engine.load(dir)
+    engine.save(dir, rank)         the optimizer's state (a collective; the caller writes the weights)
+    engine.load(dir)               the weights and the optimizer's state
     engine.close()                 frees what the engine holds (the search's, when the ticket starts)
 
 Both run AdamW with fine-tuning's own --lr schedule and --weight_decay: a DeepSpeed config's
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .dist import Comm
 from .engine import full_weights, load_ds_config, training_dtype
@@ -78,12 +78,10 @@ class TorchEngine:
         self.net = self.optimizer = None
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        return full_weights(self)
 
     def save(self, directory: Path, rank: int) -> None:
-        weights = self.weights()
         if rank == 0:
-            save_file(weights, str(directory / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
@@ -143,12 +141,8 @@ class DeepSpeedEngine:
         return full_weights(self.engine)
 
     def save(self, directory: Path, rank: int) -> None:
-        """DeepSpeed's checkpoint in DIR/deepspeed (every rank writes its partition), and the fp32
-        weights as model.safetensors (what the export and other readers take)."""
+        """DeepSpeed's checkpoint in DIR/deepspeed (every rank writes its partition)."""
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
-        weights = self.weights()
-        if rank == 0:
-            save_file(weights, str(directory / "model.safetensors"))
 
     def load(self, directory: Path) -> None:
         try:
