@@ -124,6 +124,25 @@ def draw_masks(heads: list[np.ndarray], ffn: list[np.ndarray], prune_heads: int 
     return head_masks(heads, k), ffn_masks(ffn, prune_ffn, ffn_multiple)
 
 
+def near_ties(gates: list[np.ndarray], masks: list[np.ndarray], margin: float) -> int:
+    """Units whose |gate| lies within `margin` x the spread of all these |gate| values (max - min)
+    of their layer's selection boundary (midway between its smallest kept and largest dropped
+    |gate|): a nudge that small moves them across it, so which side they fall on says nothing
+    yet. Adam moves every gate by about the LR per step whatever its gradient, so early gates
+    bunch on a few values and a mask can look stable while ties decide it. All values equal:
+    every unit of a layer with kept and dropped units is a tie."""
+    values = [np.abs(np.asarray(g, dtype=np.float64)) for g in gates]
+    flat = np.concatenate(values)
+    delta = margin * float(flat.max() - flat.min())
+    count = 0
+    for v, m in zip(values, masks):
+        if m.all() or not m.any():
+            continue  # nothing dropped (or kept) in this layer: no boundary to sit on
+        boundary = (v[m].min() + v[~m].max()) / 2
+        count += int(np.sum(np.abs(v - boundary) <= delta))
+    return count
+
+
 def mask_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     """Normalised Hamming distance: the fraction of units on which two masks disagree."""
     x, y = np.concatenate(a), np.concatenate(b)
@@ -135,27 +154,46 @@ def mask_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 @dataclass
 class EarlyBirdRule:
     """The ticket has emerged when the newest mask is within `epsilon` of each of the
-    `window - 1` older ones, for heads and for FFN alike, at step >= min_steps; at
+    `window - 1` older ones, for heads and for FFN alike, at step >= min_steps, and (tie_margin
+    > 0) no more than `epsilon` of the newest snapshot's heads or FFN neurons are near-ties of
+    its boundary (`near_ties`): a mask that ties decide may look stable and say little. At
     max_steps (None: never) the ticket is drawn regardless (the fallback)."""
     window: int = 5
     epsilon: float = 0.1
     min_steps: int = 100
     max_steps: int | None = 400
+    tie_margin: float = 0.0
     history: deque = field(default_factory=deque)
 
-    def update(self, step: int, heads: list[np.ndarray], ffn: list[np.ndarray]) -> tuple[str | None, dict]:
-        """Add one snapshot's masks; returns (reason the ticket is drawn or None, distances)."""
+    @classmethod
+    def for_search(cls, s) -> "EarlyBirdRule":
+        """The rule of a search's settings (SearchSettings), as the trainer and the monitor apply
+        it; no fallback: at the maximum search length the trainer draws the ticket itself."""
+        return cls(window=s.window, epsilon=s.epsilon, min_steps=s.search_min_steps, max_steps=None,
+                   tie_margin=s.tie_margin)
+
+    def update(self, step: int, heads: list[np.ndarray], ffn: list[np.ndarray],
+               gates: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> tuple[str | None, dict]:
+        """Add one snapshot's masks (drawn from `gates`, its |gate| values, which the near-tie
+        count needs); returns (reason the ticket is drawn or None, distances and near-ties)."""
         self.history.append((step, heads, ffn))
         while len(self.history) > self.window:
             self.history.popleft()
         older = list(self.history)[:-1]
         d = {"step": step,
              "heads": [mask_distance(heads, h) for _, h, _ in older],
-             "ffn": [mask_distance(ffn, f) for _, _, f in older]}
-        if len(self.history) == self.window and step >= self.min_steps \
-                and max(d["heads"]) < self.epsilon and max(d["ffn"]) < self.epsilon:
+             "ffn": [mask_distance(ffn, f) for _, _, f in older], "ties_heads": None, "ties_ffn": None}
+        if self.tie_margin > 0 and gates is not None:
+            d["ties_heads"] = near_ties(gates[0], heads, self.tie_margin) / sum(len(h) for h in heads)
+            d["ties_ffn"] = near_ties(gates[1], ffn, self.tie_margin) / sum(len(f) for f in ffn)
+        stable = len(self.history) == self.window and step >= self.min_steps \
+            and max(d["heads"]) < self.epsilon and max(d["ffn"]) < self.epsilon
+        decided = d["ties_heads"] is None or max(d["ties_heads"], d["ties_ffn"]) <= self.epsilon
+        if stable and decided:
+            ties = "" if d["ties_heads"] is None else \
+                f"; near-ties heads {d['ties_heads']:.3f}, ffn {d['ties_ffn']:.3f}"
             return (f"early-bird: the masks of step {step} are within {self.epsilon} of the "
-                    f"{self.window - 1} before (heads {max(d['heads']):.3f}, ffn {max(d['ffn']):.3f})"), d
+                    f"{self.window - 1} before (heads {max(d['heads']):.3f}, ffn {max(d['ffn']):.3f}{ties})"), d
         if self.max_steps is not None and step >= self.max_steps:
             return f"fallback: no early-bird ticket by the maximum search length ({self.max_steps} steps)", d
         return None, d

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import time
 
 from pipeline.run_dir import RunDir
 from pipeline.settings import SearchSettings, TrainSettings
@@ -38,8 +39,11 @@ class Metrics:
                                 job_type=job_type, config=config)
 
     def log(self, row: dict) -> None:
+        """Rank 0: the row, stamped with the wall clock ("time", seconds since the epoch: what
+        pipeline.experiment places on the launches of RUN/launches.jsonl)."""
         if self.rank != 0:
             return
+        row = {**row, "time": round(time.time(), 3)}
         self.run.append_metrics(row)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])

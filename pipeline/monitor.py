@@ -83,8 +83,7 @@ class Monitor:
         s = search.settings
         self.run, self.heads_n, self.ffn_n = run, search.heads, search.ffn
         self.prune_heads, self.prune_ffn, self.ffn_multiple = s.prune_heads, s.prune_ffn, s.ffn_multiple
-        # No fallback here: at the maximum search length the trainer draws the ticket itself.
-        self.rule = EarlyBirdRule(window=s.window, epsilon=s.epsilon, min_steps=s.search_min_steps, max_steps=None)
+        self.rule = EarlyBirdRule.for_search(s)
         self.fingerprint = run.fingerprint()
         self.wandb = None
         self.logged_step = -1
@@ -110,17 +109,25 @@ class Monitor:
                 return True
         return False
 
-    def process(self, step: int, path: Path) -> None:
-        st = path.stat()
-        heads_g, ffn_g = self.run.read_snapshot(path, len(self.heads_n), (self.heads_n, self.ffn_n))
+    def process(self, step: int, path: Path) -> bool:
+        """The rule on one snapshot; False when it vanished (a resuming trainer removes the
+        snapshots after its checkpoint, maybe between the listing and this read)."""
+        try:
+            st = path.stat()
+            heads_g, ffn_g = self.run.read_snapshot(path, len(self.heads_n), (self.heads_n, self.ffn_n))
+        except (OSError, UserError):
+            if path.exists():
+                raise
+            return False
         self.seen_files[step] = (st.st_ino, st.st_mtime_ns)
         heads, ffn = draw_masks(heads_g, ffn_g, self.prune_heads, self.prune_ffn, self.ffn_multiple)
-        reason, d = self.rule.update(step, heads, ffn)
+        reason, d = self.rule.update(step, heads, ffn, (heads_g, ffn_g))
         row = {"step": step,
                "heads_to_previous": d["heads"][-1] if d["heads"] else None,
                "ffn_to_previous": d["ffn"][-1] if d["ffn"] else None,
                "heads_window_max": max(d["heads"]) if d["heads"] else None,
                "ffn_window_max": max(d["ffn"]) if d["ffn"] else None,
+               "heads_near_ties": d["ties_heads"], "ffn_near_ties": d["ties_ffn"],
                "kept_heads": [int(h.sum()) for h in heads], "ffn_width": [int(f.sum()) for f in ffn],
                "fired": reason}
         self.rows.append(row)
@@ -132,6 +139,7 @@ class Monitor:
             self.run.publish_ticket(ticket_record(step, reason, "monitor", self.fingerprint,
                                                           heads, ffn, recent))
             print(f"monitor: ticket at step {step}: {reason}", file=sys.stderr, flush=True)
+        return True
 
     def pairwise(self, part: int) -> np.ndarray:
         """Step x step normalised Hamming distances of the head (part 1) or FFN (part 2) masks."""
@@ -169,14 +177,15 @@ class Monitor:
             fig.tight_layout()
             figs[f"pairwise_{name}.png"] = fig
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in (("heads_to_previous", "heads"), ("ffn_to_previous", "FFN")):
-            pts = [(r["step"], r[key]) for r in self.rows if r[key] is not None]
+        for key, label, style in (("heads_to_previous", "heads", "-"), ("ffn_to_previous", "FFN", "-"),
+                                  ("heads_near_ties", "heads: near-ties", ":"), ("ffn_near_ties", "FFN: near-ties", ":")):
+            pts = [(r["step"], r[key]) for r in self.rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=label)
+                ax.plot(*zip(*pts), marker=".", ls=style, label=label)
         ax.axhline(self.rule.epsilon, color="gray", ls="--", lw=1, label="epsilon")
         if ticket is not None:
             ax.axvline(ticket, color="red", lw=1, label=f"ticket (step {ticket})")
-        ax.set(title="distance to the previous mask", xlabel="step", ylabel="mask distance")
+        ax.set(title="distance to the previous mask; near-ties (fraction)", xlabel="step", ylabel="fraction of units")
         ax.legend()
         fig.tight_layout()
         figs["distance_to_previous.png"] = fig
@@ -284,7 +293,11 @@ def main(argv=None) -> int:
             seen = m.rows[-1]["step"] if m.rows else -1
             new = [(s, p) for s, p in paths if s > seen and (ticket is None or s <= ticket)]
             for i, (step, path) in enumerate(new):
-                m.process(step, path)
+                if not m.process(step, path):
+                    print("monitor: a snapshot vanished (the trainer resumed); rebuilding", file=sys.stderr)
+                    m.reset()
+                    new = []
+                    break
                 if ticket is None and run.ticket.exists():  # drawn now: later snapshots do not count
                     new = new[:i + 1]
                     break

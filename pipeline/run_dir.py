@@ -50,6 +50,7 @@ class TrainState:
     consumed: int = 0      # training sequences drawn, all ranks together (the sampler resumes here)
     tokens: int = 0        # non-padding tokens trained on
     elapsed: float = 0.0   # seconds of training, over every launch
+    flops: float = 0.0     # model FLOPs trained, all ranks (a checkpoint from before it counts from 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +84,7 @@ class RunDir:
         self.finished_json = self.path / "finished.json"
         self.summary_json = self.path / "summary.json"
         self.metrics = self.path / "metrics.jsonl"
+        self.launches = self.path / "launches.jsonl"  # slurm/pretrain.sh: each launch's wall clock
         self.checkpoints = self.path / "checkpoints"
         self.latest = self.checkpoints / "latest.json"
         self.init_weights = self.path / "init.safetensors"
@@ -217,6 +219,11 @@ class RunDir:
             raise UserError(f"{self.latest} points at {info['tag']}, which is missing")
         return info
 
+    def ticket_checkpoint(self) -> tuple[str, int] | None:
+        """(tag, step) of the dense checkpoint taken at the ticket (ticket-N), or None."""
+        tags = sorted(p.name for p in self.checkpoints.glob("ticket-*") if p.is_dir())
+        return (tags[-1], int(tags[-1].split("-")[1].split(".")[0])) if tags else None
+
     def publish_checkpoint(self, tmp_tag: str, tag: str, step: int, keep: int, phase: str) -> str:
         """Rank 0, after every rank has written tmp_tag: make it durable, rename it to a tag no other
         checkpoint has, point latest.json at it, then delete what is no longer needed. The last
@@ -234,10 +241,13 @@ class RunDir:
         os.replace(src, self.checkpoints / final)
         fsync_dir(self.checkpoints)
         atomic_write_json(self.latest, {"tag": final, "step": step, "phase": phase})
-        tags = sorted(p.name for p in self.checkpoints.glob("step-*") if p.is_dir())
-        for old in tags[:-keep]:  # step-N sorts before step-N.1, which sorts before step-N+1
-            if old != final:
-                shutil.rmtree(self.checkpoints / old, ignore_errors=True)
+        # The step-N checkpoints rotate; the dense one at the ticket (ticket-N) stays: only a newer
+        # ticket-N replaces it (the prune repeated after a kill).
+        for prefix, kept in (("step-", keep), ("ticket-", 1)):
+            tags = sorted(p.name for p in self.checkpoints.glob(prefix + "*") if p.is_dir())
+            for old in tags[:-kept]:  # step-N sorts before step-N.1, which sorts before step-N+1
+                if old != final:
+                    shutil.rmtree(self.checkpoints / old, ignore_errors=True)
         for stale in self.checkpoints.glob("tmp-*"):  # a checkpoint a killed run never finished
             if stale.name != tmp_tag:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -276,6 +286,21 @@ class RunDir:
             rows.append((line, row))
         return rows
 
+    def read_launches(self) -> list[dict]:
+        """RUN/launches.jsonl's launches ({start, end, stage, rc}, seconds since the epoch) in
+        order; a line cut short by a kill, or not a launch, is skipped."""
+        out = []
+        lines = self.launches.read_text(errors="replace").splitlines() if self.launches.exists() else []
+        for line in lines:
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in ("start", "end")) \
+                    and d["end"] >= d["start"]:
+                out.append(d)
+        return sorted(out, key=lambda d: d["start"])
+
     def append_metrics(self, row: dict) -> None:
         # Out of space mid-line: readers skip a torn last line, and a relaunch rewrites the file.
         with writing(self.metrics), open(self.metrics, "a") as f:
@@ -290,13 +315,18 @@ class RunDir:
         self.stop_request.unlink(missing_ok=True)
 
     # -- gate snapshots (trainer -> monitor)
-    def write_snapshot(self, step: int, heads: list[np.ndarray], ffn: list[np.ndarray]) -> Path:
-        """RUN/gates/step-NNNNNNN.npz: |gate| per layer, written to a temporary name and renamed."""
+    def write_snapshot(self, step: int, heads: list[np.ndarray], ffn: list[np.ndarray],
+                       near_ties: tuple[int, int, float] | None = None) -> Path:
+        """RUN/gates/step-NNNNNNN.npz: |gate| per layer (and, for the record, the near-ties of the
+        ticket's boundary: heads, FFN neurons, the margin), written to a temporary name and renamed."""
         self.gates.mkdir(parents=True, exist_ok=True)
         path = self.gates / f"step-{step:07d}.npz"
         tmp = self.gates / f".{path.name}.tmp{os.getpid()}"
         arrays = {f"heads_{i}": np.abs(h).astype(np.float32) for i, h in enumerate(heads)}
         arrays.update({f"ffn_{i}": np.abs(f).astype(np.float32) for i, f in enumerate(ffn)})
+        if near_ties is not None:
+            arrays.update(near_ties_heads=np.int64(near_ties[0]), near_ties_ffn=np.int64(near_ties[1]),
+                          tie_margin=np.float64(near_ties[2]))
         with writing(path, partial=[tmp]):
             with open(tmp, "wb") as f:
                 np.savez(f, step=np.int64(step), **arrays)

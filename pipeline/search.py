@@ -18,11 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.dist import Comm
-from pipeline.earlybird import EarlyBirdRule, draw_masks, random_masks
+from pipeline.earlybird import EarlyBirdRule, draw_masks, near_ties, random_masks
 from pipeline.engine import full_weights, gate_values
 from pipeline.errors import UserError
 from pipeline.hf import export
@@ -39,15 +40,14 @@ class Search:
         self.s, self.seed, self.tokenizer_dir, self.log = settings, seed, tokenizer_dir, log
         # The early-bird rule, applied by rank 0 to every snapshot as it is written (the monitor
         # applies the same rule to the same files; the fallback is ticket(), not the rule's).
-        self.rule = EarlyBirdRule(window=settings.window, epsilon=settings.epsilon,
-                                  min_steps=settings.search_min_steps, max_steps=None)
+        self.rule = EarlyBirdRule.for_search(settings)
         self.fired_at: int | None = None  # rank 0: the step whose snapshot gave the ticket
 
     def begin(self, step: int) -> None:
         """At a launch's start, resuming at `step`: drops the snapshots and a ticket of a trajectory
         the resume discards (newer than `step`), rebuilds the rule's history from the snapshots
-        kept, checks a ticket already in RUN; keeps the starting weights for --ticket_weights
-        rewind; then writes RUN/search.json (last: the monitor starts watching when it appears)."""
+        kept, checks a ticket already in RUN; keeps the starting weights (RUN/init.safetensors, for
+        --ticket_weights rewind and for a rewound branch of pipeline.experiment); then writes RUN/search.json (last: the monitor starts watching when it appears)."""
         config = self.engine.module.config
         error = None
         if self.rank == 0:
@@ -62,7 +62,7 @@ class Search:
         error = self.comm.broadcast(error)
         if error is not None:
             raise UserError(error + "; remove it to let the search go on")
-        if self.s.ticket_weights == "rewind" and step == 0:
+        if step == 0:  # kept whatever --ticket_weights: a rewound ticket may be drawn until the prune
             self._save_initial_weights()
         if self.rank == 0:
             self.run.write_search(SearchRecord(self.s, list(config.heads), list(config.ffn)))
@@ -75,7 +75,11 @@ class Search:
         heads, ffn = gate_values(self.engine)
         fired = False
         if self.rank == 0:
-            path = self.run.write_snapshot(step, heads, ffn)
+            # the snapshot's float32 |gate| values, as the rule and the monitor read them back
+            heads, ffn = ([np.abs(g).astype(np.float32).astype(np.float64) for g in part] for part in (heads, ffn))
+            masks = draw_masks(heads, ffn, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
+            ties = [near_ties(g, m, self.s.tie_margin) for g, m in zip((heads, ffn), masks)]
+            path = self.run.write_snapshot(step, heads, ffn, near_ties=(*ties, self.s.tie_margin))
             verdict = self._verdict(step, path)
             if verdict is not None:
                 self.run.put_ticket(ticket_record(step, *verdict, self.run.fingerprint(), *self._last_masks(), []))
@@ -118,7 +122,7 @@ class Search:
         config = self.engine.module.config
         heads_g, ffn_g = self.run.read_snapshot(path, config.num_layers, (config.heads, config.ffn))
         heads, ffn = draw_masks(heads_g, ffn_g, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
-        reason, _ = self.rule.update(step, heads, ffn)
+        reason, _ = self.rule.update(step, heads, ffn, (heads_g, ffn_g))
         return None if reason is None else (reason, "trainer")
 
     def _last_masks(self) -> tuple[list, list]:
@@ -152,7 +156,7 @@ class Search:
         self.comm.barrier()
 
     def _save_initial_weights(self) -> None:
-        """--ticket_weights rewind: the weights before the search (gates all 1)."""
+        """The weights before the search (gates all 1), for a rewound ticket."""
         full = full_weights(self.engine)
         path = self.run.init_weights
         if self.rank == 0 and not path.exists():

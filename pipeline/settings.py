@@ -150,6 +150,9 @@ class SearchSettings:
               "resumed search keeps the value it began with")
     window: int = setting(5, "the early-bird rule: masks compared (the newest and the ones before it)")
     epsilon: float = setting(0.1, "the early-bird rule: the largest mask distance that counts as stable")
+    tie_margin: float = setting(0.01, "the early-bird rule: a |gate| within this fraction of the gates' spread of "
+                                      "the selection boundary is a near-tie; the rule does not fire while more "
+                                      "than --epsilon of the heads or FFN neurons are (0: no such check)")
     ticket: str = setting("rule", "random: a seeded random ticket of the rule's shape (a baseline)",
                           choices=("rule", "random"))
     ticket_weights: str = setting("carry", "carry: searched weights, gates folded; rewind: the weights "
@@ -168,6 +171,7 @@ class SearchSettings:
             raise UserError(f"--window {self.window}: must be at least 2")
         if not 0.0 < self.epsilon <= 1.0:
             raise UserError(f"--epsilon {self.epsilon}: must be in (0, 1]")
+        _fraction("tie_margin", self.tie_margin)
         if isinstance(self.ffn_multiple, bool) or (self.ffn_multiple is not None
                                                    and not isinstance(self.ffn_multiple, int)):
             raise UserError(f"ffn_multiple {self.ffn_multiple!r} must be an integer >= 1")
@@ -209,12 +213,14 @@ class SearchSettings:
     @classmethod
     def from_record(cls, record: dict, where: str) -> "SearchSettings":
         """From RUN/search.json. A file written before a setting existed gets the value that
-        reproduces what that run did: ffn_multiple 1 (free widths), and the older names min_steps
+        reproduces what that run did: ffn_multiple 1 (free widths), tie_margin 0 (no near-tie
+        check), and the older names min_steps
         and max_steps for the search's bounds."""
         if not isinstance(record, dict):
             raise UserError(f"{where}: holds {json_kind(record)}, expected a JSON object")
         values = cls.legacy_names(record)
         values.setdefault("ffn_multiple", 1)
+        values.setdefault("tie_margin", 0.0)  # a search begun before near-ties were counted
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             if f.name not in values:

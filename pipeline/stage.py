@@ -66,14 +66,17 @@ def locate(run: RunDir, settings: TrainSettings, search: SearchSettings) -> Star
     pruned = run.read_pruned_state() if phase == Phase.EFFICIENT else None
     if phase == Phase.SEARCH and search.ticket_weights == "rewind" and checkpoint is not None \
             and checkpoint["step"] > 0 and not run.init_weights.exists():
-        raise UserError(f"--ticket_weights rewind: {run.init_weights} is missing (the search began without "
-                        "this flag, so its starting weights were not kept)")
+        raise UserError(f"--ticket_weights rewind: {run.init_weights} is missing (the search began before "
+                        "its starting weights were kept)")
     return Start(phase, search, checkpoint, pruned)
 
 
-# The search settings that still shape the result in each phase: all of them until the ticket is
-# drawn; afterwards only the efficient stage's re-warm-up (the rest may change on a restart).
-MATTERS = {Phase.SEARCH: tuple(f.name for f in fields(SearchSettings)),
+# The search settings that still shape the result in each phase: until the ticket is drawn, all
+# but what the ticket becomes (--ticket, --ticket_weights: the launch that prunes applies its own,
+# recorded in RUN/pruned/trainer_state.json; the starting weights are kept for either, so a branch
+# of pipeline.experiment can resume a copy of the search with another choice); afterwards only the
+# efficient stage's re-warm-up (the rest may change on a restart).
+MATTERS = {Phase.SEARCH: tuple(f.name for f in fields(SearchSettings) if f.name not in ("ticket", "ticket_weights")),
            Phase.EFFICIENT: ("rewarmup_steps",), Phase.DENSE: ()}
 
 

@@ -88,6 +88,7 @@ class StepResult:
     tokens: float        # non-padding tokens, all ranks
     gate_l1: float       # sum |gate|, summed over ranks
     flops: float         # this rank's model FLOPs
+    flops_all: float     # model FLOPs, all ranks
     fatal: bool          # the loss is NaN/inf and the run must stop (exit 3)
     skipped: bool        # an fp16 overflow: DeepSpeed skipped the update
     stop: bool           # a stop request reached some rank
@@ -206,10 +207,10 @@ class Trainer:
     # -- the loop's parts
     def step(self, state: TrainState, loader: Prefetcher, t_start: float, t0: float, last: float) -> StepResult:
         """Forward and backward over the accumulation's micro batches, then one all-reduce and one
-        read-back: [MLM loss, non-pad tokens, sum |gate|, non-finite micro batches, stop requested,
-        out of time]; then the optimizer step."""
+        read-back: [MLM loss, non-pad tokens, sum |gate|, non-finite micro batches, model FLOPs,
+        stop requested, out of time]; then the optimizer step."""
         engine, module, gas = self.engine, self.engine.module, self.gas
-        sums, flops = self.comm.zeros(6), 0.0
+        sums, flops = self.comm.zeros(7), 0.0
         for i in range(gas):
             batch, state.consumed = loader.next()
             loss, n, _ = engine(**to_device(batch, self.device))
@@ -225,11 +226,12 @@ class Trainer:
             engine.backward(loss)
             if i < gas - 1:
                 engine.step()  # inside the accumulation: DeepSpeed only counts it
+        sums[4] += flops  # Python scalars: no host-to-device copy to wait for
         for j, flag in enumerate(self.flags(max(last, time.time() - t0))):
             if flag:
-                sums[4 + j] += flag  # a Python scalar: no host-to-device copy to wait for
-        loss_sum, tokens, gate_l1, nonfinite, stop, late = self.comm.sum(sums).tolist()
-        r = StepResult(loss_sum, tokens, gate_l1, flops, fatal=False, skipped=False, stop=bool(stop),
+                sums[5 + j] += flag
+        loss_sum, tokens, gate_l1, nonfinite, flops_all, stop, late = self.comm.sum(sums).tolist()
+        r = StepResult(loss_sum, tokens, gate_l1, flops, flops_all, fatal=False, skipped=False, stop=bool(stop),
                        late=bool(late))
         # fp16: the loss scaler skips a non-finite step first, up to MAX_NONFINITE_SKIPS in a row
         if nonfinite and (not self.fp16 or self.nonfinite_skips >= MAX_NONFINITE_SKIPS):
@@ -248,6 +250,7 @@ class Trainer:
             r.fatal = True
             return r
         state.tokens += int(tokens)
+        state.flops += flops_all
         if not r.skipped:
             state.step += 1
             self.set_lr(state.step)
@@ -272,7 +275,8 @@ class Trainer:
                "lr": self.engine.get_lr()[0], "tokens": state.tokens, "step_time_s": dt,
                "elapsed_s": state.elapsed, "tokens_per_s": r.tokens / dt,
                # flops and peak both of one rank (every rank's batches are alike in size)
-               "mfu": r.flops / dt / self.peak, "data_wait_s": wait, "samples": state.consumed}
+               "mfu": r.flops / dt / self.peak, "data_wait_s": wait, "samples": state.consumed,
+               "train_flops": state.flops}
         if self.phase == Phase.SEARCH:
             row["gate_l1"] = r.gate_l1 / self.world
         if r.skipped:
@@ -296,8 +300,9 @@ class Trainer:
         return self.search.ticket(state.step)
 
     def prune(self, state: TrainState, ticket: dict) -> int:
-        """Checkpoint the dense state, write RUN/pruned/ (reduced model + where to continue)."""
-        self.checkpoint(state)
+        """Checkpoint the dense state (tagged ticket-N: kept, for a branch or another prune), write
+        RUN/pruned/ (reduced model + where to continue)."""
+        self.checkpoint(state, prefix="ticket")
         self.search.prune(state, ticket, self.metrics.summary)
         self.log(f"{self.run.pruned} written: run the same command to continue (exit {EXIT_RELAUNCH})")
         return EXIT_RELAUNCH
@@ -383,13 +388,13 @@ class Trainer:
             self.metrics.log({"step": step, "phase": self.phase, "val_loss": loss_sum / count,
                               "val_accuracy": correct / count})
 
-    def checkpoint(self, state: TrainState) -> None:
+    def checkpoint(self, state: TrainState, prefix: str = "step") -> None:
         # A NaN gradient with a finite loss may have been applied (no ZeRO, or a clipping that
         # spreads NaN): the weights are checked before they can become "the last good state".
         if not weights_finite(self.engine, self.comm):
             raise NonFiniteWeights(f"the weights hold NaN/inf after step {state.step} (a non-finite "
                                    "gradient was applied)")
-        tag = f"step-{state.step:07d}"
+        tag = f"{prefix}-{state.step:07d}"
         tmp = "tmp-" + tag
         partial = self.run.checkpoints / tmp  # out of space: removed, latest.json's stays
         with writing(partial, partial=[partial]):

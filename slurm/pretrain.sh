@@ -126,10 +126,19 @@ trap 'ask_to_stop TERM' TERM
 trap 'ask_to_stop INT' INT
 rm -f "$run_dir/stop"  # a request a killed launch never saw
 
+# RUN/launches.jsonl: each launch's wall clock, start-up and exit included (pipeline.experiment adds
+# them up). Only a launch that got as far as RUN/run.json is recorded: bad input leaves RUN as it was.
+record_launch() {
+    [[ -f "$run_dir/run.json" ]] || return 0
+    printf '{"start": %s, "end": %s, "stage": "%s", "rc": %s, "host": "%s"}\n' \
+        "$1" "$(date +%s.%N)" "$2" "$3" "$(hostname)" >>"$run_dir/launches.jsonl"
+}
+
 rc=0
 for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
     stage="$("$PYTHON" -m pipeline.run_dir --stage "$run_dir")" || { rc=2; break; }
     [[ "$stage" == new ]] && stage=search  # the log's name: this launch starts the search
+    started="$(date +%s.%N)"
     if [[ "$in_slurm" -eq 1 ]]; then
         "${launch[@]:0:1}" --output "$log_dir/$SLURM_JOB_NAME-$SLURM_JOB_ID-$stage.log" \
             "${launch[@]:1}" "$@" &
@@ -143,6 +152,7 @@ for ((launch_no = 1; launch_no <= MAX_LAUNCHES; launch_no++)); do
         kill -0 "$trainer" 2>/dev/null || break  # wait returned early for a trapped signal
     done
     trainer=""
+    record_launch "$started" "$stage" "$rc"
     [[ "$stop_asked" -eq 1 ]] && break
     # torchrun turns a worker's 76 into its own failure code, so the state of RUN decides too:
     # a search launch that left RUN at the efficient stage means "relaunch".

@@ -98,20 +98,25 @@ def test_whole_loop_through_pretrain_sh(tmp_path, small_data):
     run = tmp_path / "run"
     e = dict(env(), WANDB_MODE="offline", MONITOR_FLAGS="--poll 0.2", PYTHON=sys.executable)
     pretrain = ["bash", str(ROOT / "slurm" / "pretrain.sh")]
+    # The rule's own settings (epsilon 0.1, near-ties checked); an L1 100 x the paper's parts the
+    # gates within a few dozen steps of bert-tiny (at 1e-4 a quarter of the FFN gates are still
+    # near-ties of the boundary at step 50, and the rule rightly waits).
     r = subprocess.run([*pretrain, *train_args(cfg, small_data, run, max_steps=120, search_max_steps=100,
-                                               search_min_steps=8, snapshot_every=2, epsilon=1.0, eval_every=60,
+                                               search_min_steps=8, snapshot_every=2, l1=1e-2, eval_every=60,
                                                dropout=0, wandb_project="earlybert-test", wandb_mode="offline")],
                        cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    # The rule fired: 5 snapshots (2..10) within epsilon, at min_steps or later; the monitor and the
-    # trainer apply it alike (either may write the ticket), and it is taken at its snapshot's step.
+    # The rule fired on its own, before the fallback: 5 snapshots within epsilon, at min_steps or
+    # later, few near-ties; the monitor and the trainer apply it alike (either may write the
+    # ticket), and it is taken at its snapshot's step.
     t = json.loads((run / "ticket.json").read_text())
-    assert t["source"] in ("monitor", "trainer") and t["step"] == 10 and t["reason"].startswith("early-bird"), t
+    assert t["source"] in ("monitor", "trainer") and t["reason"].startswith("early-bird") and 10 <= t["step"] < 100, t
     state = json.loads((run / "pruned" / "trainer_state.json").read_text())
     taken = state["state"]["step"]
-    assert state["ticket_step"] == 10 and taken == 10
+    assert state["ticket_step"] == t["step"] == taken
     record = [json.loads(x) for x in (run / "earlybird" / "distances.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in record] == [2, 4, 6, 8, 10]
+    assert [x["step"] for x in record] == list(range(2, taken + 1, 2))
+    assert record[-1]["ffn_window_max"] < 0.1 and record[-1]["ffn_near_ties"] <= 0.1
     assert (run / "earlybird" / "pairwise_ffn.png").exists()
     # Continuity across the relaunch: every step once, the phase switch at the ticket, the data
     # stream and the LR schedule continuing by global step.
@@ -128,7 +133,7 @@ def test_whole_loop_through_pretrain_sh(tmp_path, small_data):
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
     assert len(list((run / "earlybird" / "wandb").glob(f"offline-run-*-{run_id}-earlybird"))) == 1
     # The summary.
-    for needle in ("ticket:           step 10", "heads per layer:  [2, 2]", "FFN widths:", "parameters:",
+    for needle in (f"ticket:           step {taken}", "heads per layer:  [2, 2]", "FFN widths:", "parameters:",
                    "median step time: search", "efficient", "validation:       loss"):
         assert needle in r.stdout, r.stdout
     summary = json.loads((run / "summary.json").read_text())

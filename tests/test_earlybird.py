@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline.earlybird import (EarlyBirdRule, default_prune_heads, draw_masks, ffn_masks, head_masks,
-                                mask_distance)
+                                mask_distance, near_ties)
 
 
 def test_default_head_pruning():
@@ -74,6 +74,38 @@ def test_rule_needs_a_full_window_min_steps_and_both_masks_stable():
         # heads stable; FFN moves by 3 of 20 units (0.15 > epsilon) against the oldest masks
         reason, d = drifting.update(step, *snapshot({0, 1, 2, 3}, {i, i + 1, i + 2, 10, 11, 12}))
     assert reason is None and max(d["ffn"]) > 0.1
+
+
+def test_near_ties_count_units_at_the_selection_boundary():
+    # one layer of 10 FFN gates, 3 dropped; spread 1.0, margin 0.05 -> within 0.05 of the boundary
+    gates = [np.array([0.0, 0.50, 0.51, 0.52, 0.53, 0.9, 1.0, 0.8, 0.7, 0.6])]
+    masks = ffn_masks(gates, 0.3)
+    boundary = (0.52 + 0.51) / 2  # the smallest kept, the largest dropped
+    assert masks[0].tolist() == [False, False, False, True, True, True, True, True, True, True]
+    assert near_ties(gates, masks, 0.05) == sum(abs(g - boundary) <= 0.05 for g in gates[0]) == 4
+    assert near_ties(gates, masks, 0.0) == 0
+    # every value equal: index order decides the mask, every unit is a tie
+    equal = [np.full(8, 0.9)]
+    assert near_ties(equal, ffn_masks(equal, 0.3), 0.01) == 8
+    # heads: a layer with nothing dropped has no boundary
+    assert near_ties([np.array([1.0, 0.5])], [np.array([True, True])], 0.5) == 0
+
+
+def test_rule_waits_while_near_ties_decide_the_masks():
+    """Stable masks drawn across a bunch of equal gates (Adam's early steps): no ticket with the
+    tie check, one without it; the gates parting lets it fire."""
+    heads = [np.array([1.0, 0.9, 0.8, 0.2])]
+    bunched = [np.concatenate([np.full(10, 0.5), np.linspace(0.6, 1.0, 10)])]  # 30 % of 20 dropped: in the bunch
+    parted = [np.concatenate([np.linspace(0.0, 0.3, 10), np.linspace(0.6, 1.0, 10)])]
+    for margin, gates, fires in ((0.01, bunched, False), (0.0, bunched, True), (0.01, parted, True)):
+        rule = EarlyBirdRule(window=3, epsilon=0.1, min_steps=0, tie_margin=margin)
+        for step in (10, 20, 30):
+            h, f = draw_masks(heads, gates, 1, 0.3)
+            reason, d = rule.update(step, h, f, (heads, gates))
+        assert (reason is not None) == fires, (margin, d)
+        if margin:
+            assert d["ties_ffn"] == (0.5 if gates is bunched else 0.0) and d["ties_heads"] == 0.0
+            assert not fires or "near-ties heads 0.000, ffn 0.000" in reason
 
 
 def test_rule_fallback_at_the_maximum_search_length():

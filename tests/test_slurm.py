@@ -36,19 +36,39 @@ def flags(tmp_path, data, run, max_steps, **more):
                       eval_every=0, **more)
 
 
-def test_sbatch_pretrain_whole_loop(slurm, tmp_path, small_data):
-    run = tmp_path / "run"
-    job = submit(slurm, tmp_path, *flags(tmp_path, small_data, run, 40, search_max_steps=16))
+def test_sbatch_pretrain_whole_loop_as_an_experiment(slurm, tmp_path, small_data):
+    """pipeline.experiment --slurm: the earlybert arm is `sbatch slurm/pretrain.sh` (the whole loop),
+    the random branch a job after it, then the report's job; submitting again adds no job."""
+    exp = tmp_path / "exp"
+    shared = ["--deepspeed_config", ds_config(tmp_path, "cpu.json"), "--data", small_data, "--model", "bert-tiny",
+              "--snapshot_every", 2, "--eval_every", 20, "--search_max_steps", 16]
+    sbatch_args = f"--gpus-per-node=0 --cpus-per-task={os.cpu_count()} --mem=0"
+    cmd = [sys.executable, "-m", "pipeline.experiment", "--out", str(exp), "--arms", "earlybert,random",
+           "--budget_steps", "40", "--slurm", sbatch_args, *map(str, shared)]
+    env = pretrain_env(slurm.env, tmp_path / "unused")
+    r = slurm.cmd(cmd, cwd=tmp_path, env=env, timeout=120)
+    jobs = json.loads((exp / "jobs.json").read_text())
+    assert set(jobs) == {"earlybert", "random", "report"}, r.stderr
+    again = slurm.cmd(cmd, cwd=tmp_path, env=env, timeout=120)  # the jobs are queued: none added
+    assert "still queued or running" in again.stderr and json.loads((exp / "jobs.json").read_text())["earlybert"] \
+        == jobs["earlybert"]
+    job, run = jobs["earlybert"], exp / "earlybert"
     result = slurm.wait(job, timeout=400)
-    out = (tmp_path / f"earlybert-{job}.out").read_text()
+    out = (exp / "logs" / f"earlybert-{job}.out").read_text()
     assert result == "COMPLETED" and result.returncode == 0, out[-3000:]
     assert "EarlyBERT run summary" in out and "ticket:           step" in out and "finished:         step 40" in out
     assert json.loads((run / "finished.json").read_text())["step"] == 40
     assert [x["step"] for x in steps(run)] == list(range(1, 41))
     assert {x["phase"] for x in steps(run)} == {"search", "efficient"}
-    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
-    assert logs == [f"earlybert-{job}-{s}.log" for s in ("efficient", "monitor", "search")]
-    assert "exit 76" in (tmp_path / "logs" / f"earlybert-{job}-search.log").read_text()
+    logs = sorted(p.name for p in (exp / "logs").glob("exp-earlybert-*"))
+    assert logs == [f"exp-earlybert-{job}-{s}.log" for s in ("efficient", "monitor", "search")]
+    assert "exit 76" in (exp / "logs" / f"exp-earlybert-{job}-search.log").read_text()
+    for name in ("random", "report"):
+        result = slurm.wait(jobs[name], timeout=400)
+        assert result == "COMPLETED", (exp / "logs" / f"{name}-{jobs[name]}.out").read_text()[-3000:]
+    assert json.loads((exp / "random" / "pruned" / "trainer_state.json").read_text())["ticket"] == "random"
+    report = json.loads((exp / "report.json").read_text())
+    assert report["arms"]["random"]["finished"] and report["verdicts"]["ticket_vs_random"] is not None
 
 
 def test_preemption_requeues_and_every_step_counts_once(slurm, tmp_path, small_data):
