@@ -1,9 +1,9 @@
 """Does EarlyBERT do what the paper promises, in miniature? All four arms of pipeline.experiment
 (dense, earlybert, random, rewind) on real text, with a model the CPU trains to a meaningful loss
-within the budget (a benchmark, not a test: about 45 minutes on 2 cores).
+within the budget (a benchmark, not a test: about 40 minutes on 2 cores).
 
-    python -m bench.fidelity [--out bench/out/fidelity] [--budget_steps 900] [--layers 4]
-        [--hidden 256] [--heads 8] [--ffn 1024] [--vocab_size 8192] [--seq_len 128]
+    python -m bench.fidelity [--out bench/out/fidelity] [--budget_steps 720] [--layers 4]
+        [--hidden 256] [--heads 8] [--ffn 1024] [--vocab_size 8192] [--seq_len 128] [--search_max_steps 150]
         [--deepspeed_config ds_configs/cpu.json] [any pipeline.train flag]
 
 The corpus: the shortened English Wikipedia dump and the Lee news corpus (one document per line)
@@ -68,14 +68,14 @@ def targets(report: dict, search_max_steps: int) -> list[tuple[str, bool | None,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "fidelity")
-    p.add_argument("--budget_steps", type=int, default=900)
+    p.add_argument("--budget_steps", type=int, default=720)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=8192)
     p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--search_max_steps", type=int, default=300)
+    p.add_argument("--search_max_steps", type=int, default=150)
     p.add_argument("--deepspeed_config", type=Path, default=ROOT / "ds_configs" / "cpu.json")
     a, train_flags = p.parse_known_args()
     a.out.mkdir(parents=True, exist_ok=True)

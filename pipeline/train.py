@@ -300,9 +300,12 @@ class Trainer:
         return self.search.ticket(state.step)
 
     def prune(self, state: TrainState, ticket: dict) -> int:
-        """Checkpoint the dense state (tagged ticket-N: kept, for a branch or another prune), write
-        RUN/pruned/ (reduced model + where to continue)."""
-        self.checkpoint(state, prefix="ticket")
+        """Checkpoint the dense state (tagged ticket-N: kept, for a branch or another prune; not
+        again when this launch resumed from it), write RUN/pruned/ (reduced model + where to
+        continue)."""
+        resumed = self.start.checkpoint
+        if not (resumed and resumed["tag"].startswith("ticket-") and resumed["step"] == state.step):
+            self.checkpoint(state, prefix="ticket")
         self.search.prune(state, ticket, self.metrics.summary)
         self.log(f"{self.run.pruned} written: run the same command to continue (exit {EXIT_RELAUNCH})")
         return EXIT_RELAUNCH

@@ -18,10 +18,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A 48 MiB tmpfs at tmp_path/fs, unmounted afterwards."""
+    """A 64 MiB tmpfs at tmp_path/fs, unmounted afterwards (the run keeps up to 4 checkpoints of
+    bert-tiny: 3 rotating, the one at the ticket)."""
     fs = tmp_path / "fs"
     fs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(fs)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(fs)], check=True)
     try:
         yield fs
     finally:
