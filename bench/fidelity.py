@@ -4,7 +4,13 @@ within the budget (a benchmark, not a test: about 40 minutes on 2 cores).
 
     python -m bench.fidelity [--out bench/out/fidelity] [--budget_steps 720] [--layers 4]
         [--hidden 256] [--heads 8] [--ffn 1024] [--vocab_size 8192] [--seq_len 128] [--search_max_steps 150]
-        [--deepspeed_config ds_configs/cpu.json] [any pipeline.train flag]
+        [--deepspeed_config ds_configs/cpu.json] [--warmup_steps K] [--data DATA] [--model PRESET]
+        [--json PATH] [any pipeline.train flag]
+
+--data DATA and --model PRESET replace the corpus built here and the custom model (bench/gpu.sh
+fidelity: bench/gpu_data and bert-small on a GPU); --warmup_steps K trains on a copy of the
+DeepSpeed config with its scheduler's warm-up set to K steps (the shipped GPU configs warm up
+over 10,000 steps, longer than a short budget).
 
 The corpus: the shortened English Wikipedia dump and the Lee news corpus (one document per line)
 from gensim's test data, with a trained WordPiece vocabulary of --vocab_size (bert-base's 30522
@@ -77,20 +83,32 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--search_max_steps", type=int, default=150)
     p.add_argument("--deepspeed_config", type=Path, default=ROOT / "ds_configs" / "cpu.json")
+    p.add_argument("--warmup_steps", type=int, help="the scheduler's warm-up, in a copy of the config")
+    p.add_argument("--data", type=Path, help="a data_prep output to use instead of the corpus built here")
+    p.add_argument("--model", help="a preset instead of the custom model (--layers, --hidden, ...)")
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "fidelity.json")
     a, train_flags = p.parse_known_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    data = a.out / "data"
-    if not (data / "manifest.json").exists():
+    data = a.data or a.out / "data"
+    if a.data is None and not (data / "manifest.json").exists():
         run([sys.executable, "-m", "data_prep", "build", "--out", str(data), "--vocab-size", str(a.vocab_size),
              "--seq-len", str(a.seq_len), "--val-fraction", "0.05", "--workers", "2",
              *[x for s in corpus(a.out) for x in ("--source", s)]])
-    model = a.out / "model.json"
     vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
-    model.write_text(json.dumps({"vocab_size": vocab, "hidden_size": a.hidden,
-                                 "heads": [a.heads] * a.layers, "head_size": a.hidden // a.heads,
-                                 "ffn": [a.ffn] * a.layers, "max_position_embeddings": max(512, a.seq_len)}))
+    model = a.model
+    if model is None:
+        model = str(a.out / "model.json")
+        Path(model).write_text(json.dumps({"vocab_size": vocab, "hidden_size": a.hidden, "heads": [a.heads] * a.layers,
+                                           "head_size": a.hidden // a.heads, "ffn": [a.ffn] * a.layers,
+                                           "max_position_embeddings": max(512, a.seq_len)}))
+    ds_config = a.deepspeed_config
+    if a.warmup_steps is not None:
+        cfg = json.loads(ds_config.read_text())
+        cfg["scheduler"]["params"]["warmup_num_steps"] = a.warmup_steps
+        ds_config = a.out / f"warmup{a.warmup_steps}_{ds_config.name}"
+        ds_config.write_text(json.dumps(cfg, indent=1))
     exp = a.out / "exp"
-    shared = ["--deepspeed_config", str(a.deepspeed_config), "--data", str(data), "--model", str(model),
+    shared = ["--deepspeed_config", str(ds_config), "--data", str(data), "--model", model,
               "--search_max_steps", str(a.search_max_steps), "--search_min_steps", "50", "--snapshot_every", "10",
               "--eval_every", str(max(1, a.budget_steps // 9)), "--eval_sequences", "512",
               "--checkpoint_every", str(a.budget_steps), *train_flags]
@@ -100,8 +118,8 @@ def main() -> None:
     summary = json.loads((exp / "earlybert" / "summary.json").read_text())
     report["arms"]["earlybert"]["ticket_reason"] = summary.get("ticket_reason")
     checks = targets(report, a.search_max_steps)
-    print(f"\nbench.fidelity: {a.budget_steps} steps, {a.layers} layers x {a.hidden} hidden, {a.heads} heads, "
-          f"FFN {a.ffn}, vocabulary {vocab}, seq {a.seq_len}")
+    shape = a.model or f"{a.layers} layers x {a.hidden} hidden, {a.heads} heads, FFN {a.ffn}"
+    print(f"\nbench.fidelity: {a.budget_steps} steps, {shape}, vocabulary {vocab}, {ds_config.name}")
     print(f"{'arm':<10} {'val loss':>9} {'val acc':>8} {'wall s':>8} {'params':>11} {'step s':>20} {'ticket':>7}")
     for arm, r in report["arms"].items():
         steps = "/".join(f"{r[k]:.3f}" if r[k] else "-" for k in ("step_s_search", "step_s_efficient", "step_s_dense"))
@@ -112,9 +130,9 @@ def main() -> None:
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
               "train_flags": train_flags, "report": report,
               "targets": [{"target": n, "met": ok, "value": v} for n, ok, v in checks]}
-    out_json = ROOT / "bench" / "out" / "fidelity.json"
-    out_json.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_json}")
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

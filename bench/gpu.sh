@@ -2,7 +2,8 @@
 # The GPU check, prepared on a CPU machine by bench/gpu_prepare.sh (wheels in .whl/, data in
 # bench/gpu_data/), run on a CUDA machine that reaches no package index:
 #
-#   bash bench/gpu.sh [PART] [OUT_DIR]     PART: tests | bench | all (default); OUT_DIR: bench/out/gpu
+#   bash bench/gpu.sh [PART] [OUT_DIR]     PART: tests | bench | all (default) | fidelity;
+#                                           OUT_DIR: bench/out/gpu
 #
 # Installs DeepSpeed and its missing dependencies from .whl/ into a private directory (nothing
 # is installed into the machine's Python; skipped when DeepSpeed already imports), runs the code
@@ -11,7 +12,10 @@
 #          --compile, kill -9 and resume, the EarlyBERT loop, the attention paths, and fine-tuning
 #          of a pruned export (plain PyTorch, DeepSpeed ZeRO-2/3 with a resume, EarlyBERT);
 #   bench: bench/train_step.py (bert-base and bert-large, bf16, seq 128: ours vs transformers) and
-#          bench/earlybird.py (bert-base, the paper's ticket, --ffn_multiple 1 and 64).
+#          bench/earlybird.py (bert-base, the paper's ticket, --ffn_multiple 1 and 64);
+#   fidelity (a part of its own, not in all; at most 5 minutes): bench/fidelity.py's four arms of
+#          pipeline.experiment (dense, earlybert, random, rewind) with bert-small on bench/gpu_data,
+#          ds_configs/zero0_bf16.json with a 100-step warm-up, 1200 steps, the search at most 300.
 # Prints a short table last and writes JSON (and logs) to OUT_DIR. Exit status: non-zero when a
 # test or a benchmark failed.
 set -uo pipefail
@@ -21,7 +25,7 @@ PART="${1:-all}"
 OUT_DIR="${2:-bench/out/gpu}"
 PYTHON="${PYTHON:-python3}"
 SITE="${GPU_SITE:-/tmp/earlybert-gpu-site}"
-case "$PART" in tests|bench|all) ;; *) echo "bench/gpu.sh: PART must be tests, bench or all (got $PART)" >&2; exit 2 ;; esac
+case "$PART" in tests|bench|all|fidelity) ;; *) echo "bench/gpu.sh: PART must be tests, bench, all or fidelity (got $PART)" >&2; exit 2 ;; esac
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
@@ -47,6 +51,14 @@ EOF
 
 status=0
 t0=$SECONDS
+if [[ "$PART" == fidelity ]]; then
+    timeout 300 "$PYTHON" -m bench.fidelity --out "$OUT_DIR/fidelity" --data bench/gpu_data --model bert-small \
+        --deepspeed_config ds_configs/zero0_bf16.json --warmup_steps 100 --budget_steps 1200 --search_max_steps 300 \
+        --json "$OUT_DIR/fidelity.json" 2>&1 | tee "$OUT_DIR/fidelity.log" | tail -12
+    status="${PIPESTATUS[0]}"
+    echo "total $((SECONDS - t0)) s"
+    exit "$status"
+fi
 if [[ "$PART" != bench ]]; then
     xdist=()
     "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # small models: four at a time share the GPU

@@ -290,7 +290,10 @@ def sbatch(cmd: list[str], env: dict) -> str:
 def alive(job: str | None) -> bool:
     if not job:
         return False
-    r = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True)
+    try:  # squeue lists pending and running jobs; an ended or forgotten one is not listed (or an error)
+        r = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"--slurm: cannot ask squeue about job {job} ({e})") from None
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
