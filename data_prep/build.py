@@ -154,15 +154,21 @@ class Build:
 
     # -- stage 2
     def _chunk_results(self, done: int) -> Iterator[ChunkResult]:
-        """Stage 2's results in chunk order from chunk `done` on: the array tasks' files when they
-        are all there, else computed here."""
+        """Stage 2's results in chunk order from chunk `done` on: the array tasks' files when
+        every task has finished (a missing or bad file's chunk computed here), else computed here."""
         saved = array.saved_results(self.out, self.args.recorded(), done)
-        if saved is not None:
-            yield from saved
-            return
-        todo = (c for c in iter_chunks(self.specs) if c.index >= done)
-        yield from run_ordered(process_chunk, todo, self.args.workers,
+        redo = None if saved is None else saved[1]
+        todo = (c for c in iter_chunks(self.specs) if c.index >= done and (redo is None or c.index in redo))
+        computed = run_ordered(process_chunk, todo, self.args.workers,
                                self.args.worker_settings(self.work / "tokenizer", self.dtype))
+        if saved is None:
+            yield from computed
+            return
+        try:
+            for i in range(done, saved[0]):
+                yield next(computed) if i in redo else array.saved_result(self.out, i)
+        finally:
+            computed.close()  # its workers, and the reading of the sources past the last chunk redone
 
     def _pack(self) -> None:
         packers = {name: SplitPacker(self.work, name, self.args.seq_len, self.ids, self.dtype,

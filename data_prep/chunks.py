@@ -40,7 +40,8 @@ class Piece(NamedTuple):
 
 @dataclass
 class ChunkResult:
-    """A worker's output for one chunk; the array tasks pickle these for the merge."""
+    """A worker's output for one chunk; the array tasks save these for the merge (array.py: npz
+    and JSON, checksummed)."""
     index: int
     source: int
     pieces: list[Piece]

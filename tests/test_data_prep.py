@@ -433,3 +433,42 @@ def test_bad_array_task_flag(tmp_path):
     for bad_task in ("3/3", "x", "-1/2"):
         r = run_cli("-m", "data_prep", "build", "--out", tmp_path / "o", f"--task={bad_task}")
         assert r.returncode == 2 and f"--task {bad_task}" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_array_chunk_files_are_checked_and_computed_again(tmp_path, bert_vocab, capsys):
+    """The array tasks' chunk results are npz files (loaded without unpickling) with a checksum:
+    a truncated, corrupted or foreign one is computed again with a message naming it, by its
+    task when it runs again, else by the merge; the output stays the one-machine build's."""
+    import gensim
+    lines = [x for x in (Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor")
+             .read_text().splitlines() if x.strip()]
+    sources = []
+    for i in range(3):  # one chunk per source
+        path = tmp_path / f"lee{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": x}) + "\n" for x in lines[i * 100:(i + 1) * 100]))
+        sources.append(f"jsonl:{path}")
+    common = dict(sources=sources, tokenizer=str(bert_vocab), seq_len=64, val_fraction=0.1, workers=1)
+    out = tmp_path / "array"
+    for task in ("0/2", "1/2"):
+        build(BuildArgs(out=out, task=task, **common))
+    chunks = out / ".array" / "chunks"
+    assert sorted(p.name for p in chunks.iterdir()) == ["00000000.npz", "00000001.npz", "00000002.npz"]
+    with np.load(chunks / "00000001.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["flags", "ids", "lengths", "meta", "sha256"]
+    data = (chunks / "00000001.npz").read_bytes()
+    (chunks / "00000000.npz").write_bytes((chunks / "00000000.npz").read_bytes()[:300])  # truncated
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF  # inside the token ids: the checksum catches it
+    (chunks / "00000001.npz").write_bytes(bytes(flipped))
+    (chunks / "00000002.npz").write_bytes(b"\x80\x04\x95 not a chunk: a pickle's first bytes")
+    capsys.readouterr()
+    build(BuildArgs(out=out, task="1/2", **common))  # task 1 owns chunk 1
+    err = capsys.readouterr().err
+    assert "00000001.npz" in err and "computing chunk 1 again" in err, err
+    build(BuildArgs(out=out, **common))  # the merge: chunks 0 and 2 computed there
+    err = capsys.readouterr().err
+    assert "00000000.npz: not a readable chunk file" in err and "00000002.npz" in err and "2 computed here" in err, err
+    assert "Traceback" not in err
+    single = tmp_path / "single"
+    build(BuildArgs(out=single, **common))
+    assert tree_bytes(out) == tree_bytes(single)
