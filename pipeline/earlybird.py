@@ -124,16 +124,26 @@ def draw_masks(heads: list[np.ndarray], ffn: list[np.ndarray], prune_heads: int 
     return head_masks(heads, k), ffn_masks(ffn, prune_ffn, ffn_multiple)
 
 
-def near_ties(gates: list[np.ndarray], masks: list[np.ndarray], margin: float) -> int:
+def near_ties(gates: list[np.ndarray], masks: list[np.ndarray], margin: float, pooled: bool = False) -> int:
     """Units whose |gate| lies within `margin` x the spread of all these |gate| values (max - min)
-    of their layer's selection boundary (midway between its smallest kept and largest dropped
-    |gate|): a nudge that small moves them across it, so which side they fall on says nothing
-    yet. Adam moves every gate by about the LR per step whatever its gradient, so early gates
-    bunch on a few values and a mask can look stable while ties decide it. All values equal:
-    every unit of a layer with kept and dropped units is a tie."""
+    of the selection boundary (midway between the smallest kept and the largest dropped |gate|):
+    a nudge that small moves them across it, so which side they fall on says nothing yet. Adam
+    moves every gate by about the LR per step whatever its gradient, so early gates bunch on a
+    few values and a mask can look stable while ties decide it. All values equal: every unit of
+    a layer with kept and dropped units is a tie.
+
+    The boundary is each layer's (heads; FFN widths rounded per layer), or with `pooled` one for
+    all layers (FFN's global rule, --ffn_multiple 1): the global count's threshold."""
     values = [np.abs(np.asarray(g, dtype=np.float64)) for g in gates]
     flat = np.concatenate(values)
     delta = margin * float(flat.max() - flat.min())
+    if pooled:
+        kept = int(sum(m.sum() for m in masks))
+        if kept in (0, len(flat)):
+            return 0
+        ordered = np.sort(flat)
+        boundary = (ordered[len(flat) - kept - 1] + ordered[len(flat) - kept]) / 2
+        return int(np.sum(np.abs(flat - boundary) <= delta))
     count = 0
     for v, m in zip(values, masks):
         if m.all() or not m.any():
@@ -163,6 +173,7 @@ class EarlyBirdRule:
     min_steps: int = 100
     max_steps: int | None = 400
     tie_margin: float = 0.0
+    ffn_pooled: bool = False  # FFN drawn globally (--ffn_multiple 1): one boundary for all layers
     history: deque = field(default_factory=deque)
 
     @classmethod
@@ -170,7 +181,7 @@ class EarlyBirdRule:
         """The rule of a search's settings (SearchSettings), as the trainer and the monitor apply
         it; no fallback: at the maximum search length the trainer draws the ticket itself."""
         return cls(window=s.window, epsilon=s.epsilon, min_steps=s.search_min_steps, max_steps=None,
-                   tie_margin=s.tie_margin)
+                   tie_margin=s.tie_margin, ffn_pooled=s.ffn_multiple == 1)
 
     def update(self, step: int, heads: list[np.ndarray], ffn: list[np.ndarray],
                gates: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> tuple[str | None, dict]:
@@ -185,7 +196,7 @@ class EarlyBirdRule:
              "ffn": [mask_distance(ffn, f) for _, _, f in older], "ties_heads": None, "ties_ffn": None}
         if self.tie_margin > 0 and gates is not None:
             d["ties_heads"] = near_ties(gates[0], heads, self.tie_margin) / sum(len(h) for h in heads)
-            d["ties_ffn"] = near_ties(gates[1], ffn, self.tie_margin) / sum(len(f) for f in ffn)
+            d["ties_ffn"] = near_ties(gates[1], ffn, self.tie_margin, self.ffn_pooled) / sum(len(f) for f in ffn)
         stable = len(self.history) == self.window and step >= self.min_steps \
             and max(d["heads"]) < self.epsilon and max(d["ffn"]) < self.epsilon
         decided = d["ties_heads"] is None or max(d["ties_heads"], d["ties_ffn"]) <= self.epsilon

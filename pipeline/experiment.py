@@ -34,6 +34,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,9 @@ ARM_FLAGS = {"dense": ["--earlybird", "off"], "earlybert": ["--earlybird", "on"]
 BRANCHES = ("random", "rewind")
 # Set by the harness per arm: a shared flag may not name them.
 RESERVED = ("--run_dir", "--max_steps", "--earlybird", "--ticket", "--ticket_weights", "--local_rank")
+# Not part of the experiment's identity: set per arm, or free to change between launches as in a RUN.
+FREE = ("run_dir", "ticket", "ticket_weights", "earlybird", "max_time", "prefetch", "keep_checkpoints",
+        "checkpoint_every", "log_every", "compile")
 
 
 # ------------------------------------------------------------------ the command line
@@ -67,6 +71,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--budget_steps", type=int, required=True, help="optimizer steps of every arm")
     p.add_argument("--slurm", metavar="SBATCH_ARGS", help="submit each arm as a Slurm job with these sbatch flags")
     p.add_argument("--report_only", action="store_true", help="write the report from what EXP holds; train nothing")
+    p.add_argument("--branch_only", action="store_true",
+                   help="make the branches of --arms and train nothing (a branch's Slurm job runs this, then "
+                        "slurm/pretrain.sh)")
     a, shared = p.parse_known_args(argv)
     try:
         a.arm_list = check_arms(a.arms)
@@ -95,14 +102,19 @@ def settings_of(shared: list[str], exp: Path, budget: int) -> dict:
     model), as the experiment's identity: what every arm of EXP must share."""
     from pipeline.train import parse_args  # the trainer's parser (it imports DeepSpeed)
     train, search = parse_args([*shared, "--run_dir", str(exp / "arm"), "--max_steps", str(budget)])
+    if (train.earlybird, search.ticket, search.ticket_weights) != ("on", "rule", "carry"):
+        raise UserError("--earlybird, --ticket and --ticket_weights (abbreviated too) are set by the harness for "
+                        "each arm; leave them out")
     load_ds_config(train.deepspeed_config, budget, world=1)
     manifest = check_data(train.data, rank=1)  # shapes only: each arm's rank 0 hashes the shards
     if train.init_from is None:
         with torch.device("meta"):  # the configuration alone, no weights
             build_model(train, search, manifest)
     values = {**vars(train), **search.to_record()}
-    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(values.items())
-            if k not in ("run_dir", "ticket", "ticket_weights", "earlybird") and not k.startswith("wandb_")}
+    if Path(train.model).is_file():
+        values["model"] = Path(train.model)
+    return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in sorted(values.items())
+            if k not in FREE and not k.startswith("wandb_")}
 
 
 class Experiment:
@@ -163,9 +175,9 @@ class Experiment:
         if not src.pruned_ready():
             raise UserError(f"the {arm} arm branches from the earlybert arm at its ticket: {src.pruned} is not "
                             "written yet (its search has not ended)")
-        found = src.ticket_checkpoint()
         state = src.read_pruned_state()["state"]
-        if found is None or found[1] != state.step:
+        found = src.ticket_checkpoint(state.step)
+        if found is None:
             raise UserError(f"{src.checkpoints}: no dense checkpoint of the ticket's step {state.step} "
                             "(ticket-N; a run of an older version rotated it away): the branch cannot start")
         tag, step = found
@@ -202,23 +214,42 @@ class Experiment:
     def run_here(self, arms: list[str]) -> int:
         env = dict(os.environ)
         env.setdefault("PYTHON", sys.executable)
+        jobs = json_object(self.jobs) if self.jobs.exists() else {}
         for arm in arms:
             if self.finished(arm):
                 print(f"experiment: {arm}: finished at step {self.budget}", file=sys.stderr)
                 continue
+            if alive(jobs.get(arm)):  # two trainers must never share a RUN
+                raise UserError(f"{self.out / arm}: its Slurm job {jobs[arm]} is queued or running "
+                                f"({self.jobs}); wait for it or scancel it")
             if arm in BRANCHES:
                 self.branch(arm)
             print(f"experiment: {arm}: slurm/pretrain.sh {shlex.join(self.arm_args(arm))}", file=sys.stderr, flush=True)
-            rc = subprocess.run(["bash", str(PRETRAIN), *self.arm_args(arm)], env=env).returncode
+            rc = run_forwarding_signals(["bash", str(PRETRAIN), *self.arm_args(arm)], env)
             if rc != 0:
                 print(f"experiment: {arm}: slurm/pretrain.sh exited {rc}; {self.out / arm} keeps its state: run "
                       "the same command again to continue", file=sys.stderr)
                 return rc
         return 0
 
+    def branch_job(self, arm: str, me: list[str]) -> Path:
+        """EXP/jobs/<arm>.sh: slurm/pretrain.sh's #SBATCH header (its resources, warning signal and
+        requeue), then the branch made (once) and slurm/pretrain.sh exec'd, so Slurm's signals
+        reach it as in any pretrain.sh job."""
+        header = [x for x in PRETRAIN.read_text().splitlines() if x.startswith("#SBATCH")]
+        script = self.out / "jobs" / f"{arm}.sh"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["#!/usr/bin/env bash", *header, "set -eu", f"cd {shlex.quote(os.getcwd())}",
+                 f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+                 shlex.join([*me, "--arms", arm, "--branch_only"]),
+                 f"exec bash {shlex.quote(str(PRETRAIN))} {shlex.join(self.arm_args(arm))}"]
+        atomic_write_bytes(script, ("\n".join(lines) + "\n").encode())
+        return script
+
     def submit(self, arms: list[str], sbatch_args: str, argv: list[str]) -> int:
         """One Slurm job per unfinished arm (none for an arm whose job is still queued or running),
-        a branch's after the earlybert arm's, then the report's after all of them."""
+        a branch's after the earlybert arm's, then the report's after all of them (one job, unless
+        one is still waiting for the same arms). Returns the arms' jobs queued or running."""
         jobs = json_object(self.jobs) if self.jobs.exists() else {}
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -238,15 +269,17 @@ class Experiment:
             if arm in BRANCHES:  # made in the job, once the earlybert arm has its ticket
                 after = jobs.get("earlybert") if alive(jobs.get("earlybert")) else None
                 cmd += [f"--dependency=afterany:{after}"] if after else []
-                cmd += ["--wrap", f"cd {shlex.quote(os.getcwd())} && PYTHONPATH={shlex.quote(str(ROOT))} "
-                                  + shlex.join([*me, "--arms", arm])]
+                cmd += [str(self.branch_job(arm, me))]
             else:
                 cmd += [str(PRETRAIN), *self.arm_args(arm)]
             jobs[arm] = sbatch(cmd, env)
             ids.append(jobs[arm])
             atomic_write_json(self.jobs, jobs)
             print(f"experiment: {arm}: submitted job {jobs[arm]}", file=sys.stderr)
-        if ids:
+        if not ids:
+            print("experiment: every arm is finished", file=sys.stderr)
+        elif not alive(jobs.get("report")) or any(j not in jobs.get("report_after", []) for j in ids):
+            jobs["report_after"] = ids
             jobs["report"] = sbatch(["sbatch", "--parsable", "--job-name", "exp-report", "--output",
                                      str(logs / "report-%j.out"), f"--dependency=afterany:{':'.join(ids)}",
                                      *shlex.split(sbatch_args), "--wrap",
@@ -255,7 +288,7 @@ class Experiment:
             atomic_write_json(self.jobs, jobs)
             print(f"experiment: the report's job {jobs['report']} writes {self.out / 'report.md'} once they end",
                   file=sys.stderr)
-        return 0
+        return len(ids)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -263,6 +296,19 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another file system, or no hard links there
         shutil.copy2(src, dst)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """cmd's exit status; SIGINT and SIGTERM to this process are passed on to it and it is waited
+    for (slurm/pretrain.sh then checkpoints, records the launch and stops its monitor)."""
+    proc = subprocess.Popen(cmd, env=env)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def without_slurm(argv: list[str]) -> list[str]:
@@ -282,6 +328,8 @@ def sbatch(cmd: list[str], env: dict) -> str:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
         raise UserError("--slurm: sbatch is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"sbatch did not answer in 120 s (the job may be queued: see squeue): {shlex.join(cmd)}") from None
     if r.returncode != 0:
         raise UserError(f"sbatch refused the job ({r.stderr.strip()[-500:]}): {shlex.join(cmd)}")
     return r.stdout.strip().split(";")[0]
@@ -290,10 +338,12 @@ def sbatch(cmd: list[str], env: dict) -> str:
 def alive(job: str | None) -> bool:
     if not job:
         return False
-    try:  # squeue lists pending and running jobs; an ended or forgotten one is not listed (or an error)
+    try:  # squeue lists pending and running jobs; an ended one is not listed, a forgotten one is invalid
         r = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=60)
     except (FileNotFoundError, subprocess.TimeoutExpired) as e:
-        raise UserError(f"--slurm: cannot ask squeue about job {job} ({e})") from None
+        raise UserError(f"cannot ask squeue about job {job} ({e})") from None
+    if r.returncode != 0 and "invalid job id" not in r.stderr.lower():
+        raise UserError(f"cannot ask squeue about job {job} ({r.stderr.strip()[-300:]}): try again when Slurm answers")
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
@@ -321,7 +371,9 @@ def arm_report(run: RunDir, budget: int) -> dict:
     return {
         "finished": s["finished"] is not None and s["finished"] >= budget,
         "final_val_loss": s.get("final_val_loss"), "final_val_accuracy": s.get("final_val_accuracy"),
-        "wall_s": sum(x["end"] - x["start"] for x in launches), "launches": len(launches),
+        # None without RUN/launches.jsonl (an arm trained by an older slurm/pretrain.sh, or only
+        # launches killed before they could be recorded): no time verdict is drawn from it
+        "wall_s": sum(x["end"] - x["start"] for x in launches) or None, "launches": len(launches),
         "train_flops": trained[-1].get("train_flops") if trained else None,
         "tokens": trained[-1]["tokens"] if trained else None,
         "params": s.get("parameters_pruned", s["parameters_dense"]),
@@ -360,10 +412,11 @@ def verdicts(arms: dict) -> dict:
     out = dict.fromkeys(("time_saved", "val_loss_gap", "time_to_dense_loss_s", "dense_loss_at_earlybert_end",
                          "ticket_vs_random", "rewind_vs_carry"))
     if done(d) and done(e):
-        out["time_saved"] = 1 - e["wall_s"] / d["wall_s"] if d["wall_s"] else None
         out["val_loss_gap"] = (e["final_val_loss"] - d["final_val_loss"]) / d["final_val_loss"]
-        out["time_to_dense_loss_s"] = first_time_at_or_below(e["curve"], d["final_val_loss"])
-        out["dense_loss_at_earlybert_end"] = value_at(d["curve"], e["wall_s"])
+        if d["wall_s"] and e["wall_s"]:
+            out["time_saved"] = 1 - e["wall_s"] / d["wall_s"]
+            out["time_to_dense_loss_s"] = first_time_at_or_below(e["curve"], d["final_val_loss"])
+            out["dense_loss_at_earlybert_end"] = value_at(d["curve"], e["wall_s"])
     if done(e) and done(r):
         out["ticket_vs_random"] = e["final_val_loss"] - r["final_val_loss"]  # < 0: the ticket is better
     if done(e) and done(w):
@@ -410,7 +463,10 @@ def render(exp: Experiment, arms: dict, v: dict, plots: list[str]) -> str:
                      f"{fmt(tflops, '.3g')} | {a['params']:,} | {steps} | {fmt(a['ticket_step'], 'd')} | "
                      f"{a['heads']} | {a['ffn']} |")
     lines += ["", "## Verdicts", ""]
-    if v["time_saved"] is not None:
+    if v["val_loss_gap"] is not None and v["time_saved"] is None:
+        lines.append("- Time: unknown (an arm has no RUN/launches.jsonl: trained by an older slurm/pretrain.sh).")
+        lines.append(f"- Validation loss gap: {v['val_loss_gap']:+.2%} (EarlyBERT vs dense, relative).")
+    elif v["time_saved"] is not None:
         ratio = 1 - v["time_saved"]
         lines.append(f"- Time saved: EarlyBERT took {ratio:.2f} x the dense arm's wall clock ({v['time_saved']:.1%} "
                      "saved)." if ratio <= 1 else f"- Time saved: none; EarlyBERT took {ratio:.2f} x the dense arm's "
@@ -463,8 +519,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 0
     exp.write_record(every, identity)
+    if a.branch_only:
+        for arm in a.arm_list:
+            if arm in BRANCHES:
+                exp.branch(arm)
+        return 0
     if a.slurm is not None:
-        return exp.submit(a.arm_list, a.slurm, argv)
+        if exp.submit(a.arm_list, a.slurm, argv) == 0:
+            write_report(exp, every)  # nothing left to run: the report as it stands
+        return 0
     rc = exp.run_here(a.arm_list)
     report = write_report(exp, every)
     if report is not None:

@@ -219,10 +219,12 @@ class RunDir:
             raise UserError(f"{self.latest} points at {info['tag']}, which is missing")
         return info
 
-    def ticket_checkpoint(self) -> tuple[str, int] | None:
-        """(tag, step) of the dense checkpoint taken at the ticket (ticket-N), or None."""
-        tags = sorted(p.name for p in self.checkpoints.glob("ticket-*") if p.is_dir())
-        return (tags[-1], int(tags[-1].split("-")[1].split(".")[0])) if tags else None
+    def ticket_checkpoint(self, step: int) -> tuple[str, int] | None:
+        """(tag, step) of the dense checkpoint taken at the ticket of `step` (ticket-N, the newest
+        ticket-N.K when the prune was repeated), or None."""
+        tags = sorted(p.name for p in self.checkpoints.glob(f"ticket-{step:07d}*") if p.is_dir()
+                      and p.name.split(".")[0] == f"ticket-{step:07d}")
+        return (tags[-1], step) if tags else None
 
     def publish_checkpoint(self, tmp_tag: str, tag: str, step: int, keep: int, phase: str) -> str:
         """Rank 0, after every rank has written tmp_tag: make it durable, rename it to a tag no other

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.dist import Comm
 from pipeline.earlybird import EarlyBirdRule, draw_masks, near_ties, random_masks
 from pipeline.engine import full_weights, gate_values
-from pipeline.errors import UserError
+from pipeline.errors import UserError, writing
 from pipeline.hf import export
 from pipeline.model import TIED_DECODER, BertForMLM
 from pipeline.prune import prune_state_dict, pruned_config
@@ -78,7 +78,8 @@ class Search:
             # the snapshot's float32 |gate| values, as the rule and the monitor read them back
             heads, ffn = ([np.abs(g).astype(np.float32).astype(np.float64) for g in part] for part in (heads, ffn))
             masks = draw_masks(heads, ffn, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
-            ties = [near_ties(g, m, self.s.tie_margin) for g, m in zip((heads, ffn), masks)]
+            ties = [near_ties(heads, masks[0], self.s.tie_margin),
+                    near_ties(ffn, masks[1], self.s.tie_margin, pooled=self.s.ffn_multiple == 1)]
             path = self.run.write_snapshot(step, heads, ffn, near_ties=(*ties, self.s.tie_margin))
             verdict = self._verdict(step, path)
             if verdict is not None:
@@ -162,6 +163,7 @@ class Search:
         if self.rank == 0 and not path.exists():
             full.pop(TIED_DECODER, None)  # tied to the word embeddings
             tmp = path.with_name(f".{path.name}.tmp")
-            save_file(full, str(tmp))
-            tmp.replace(path)
+            with writing(path, partial=[tmp]):  # out of space: exit 74, no partial file left
+                save_file(full, str(tmp))
+                tmp.replace(path)
         self.comm.barrier()

@@ -36,15 +36,18 @@ set -uo pipefail
 in_slurm=0
 [[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1
 script=""
-if [[ "$in_slurm" -eq 1 ]]; then  # sbatch runs a copy from its spool: find the repository
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ "$in_slurm" -eq 1 && ! -f "$here/pipeline/train.py" ]]; then  # sbatch runs a copy from its spool
     script="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Command=\([^ ]*\).*/\1/p')"
 fi
-if [[ -n "$script" && -f "$script" ]]; then
+if [[ -f "$here/pipeline/train.py" ]]; then  # run from a checkout (bash slurm/pretrain.sh, or exec'd by a job)
+    ROOT="$here"
+elif [[ -n "$script" && -f "$script" ]]; then
     ROOT="$(cd "$(dirname "$script")/.." && pwd)"
 elif [[ "$in_slurm" -eq 1 && -f "${SLURM_SUBMIT_DIR:-}/pipeline/train.py" ]]; then  # a checkout there
     ROOT="$SLURM_SUBMIT_DIR"
 else
-    ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    ROOT="$here"
 fi
 PYTHON="${PYTHON:-python3}"
 EXIT_RELAUNCH=76

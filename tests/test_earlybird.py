@@ -89,6 +89,13 @@ def test_near_ties_count_units_at_the_selection_boundary():
     assert near_ties(equal, ffn_masks(equal, 0.3), 0.01) == 8
     # heads: a layer with nothing dropped has no boundary
     assert near_ties([np.array([1.0, 0.5])], [np.array([True, True])], 0.5) == 0
+    # FFN drawn globally: one boundary for all layers, where the per-layer ones miss the bunch
+    two = [np.array([0.1, 0.3, 0.5, 1.0]), np.array([0.2, 0.49, 0.9, 1.0])]
+    masks = ffn_masks(two, 0.5)  # the 4 smallest dropped: 0.1, 0.2, 0.3, 0.49
+    assert [m.tolist() for m in masks] == [[False, False, True, True], [False, False, True, True]]
+    # spread 0.9, margin 0.054: 0.49 and 0.5 lie around the global boundary 0.495; each layer's
+    # own boundary (0.4, 0.695) has no unit that close
+    assert near_ties(two, masks, 0.06, pooled=True) == 2 and near_ties(two, masks, 0.06) == 0
 
 
 def test_rule_waits_while_near_ties_decide_the_masks():
