@@ -12,7 +12,8 @@
 # packs, shuffles and shards the saved chunks and writes DATA/manifest.json. A failed task cancels
 # the merge; resubmitting the same command reuses every chunk already saved. With --vocab-size,
 # every task trains a vocabulary and all use the first one saved: give --tokenizer to avoid that
-# cost (and for byte-identity with a build elsewhere: see the README's "Tokenizer").
+# cost (and for byte-identity with a build elsewhere: see the README's "Tokenizer"). The array's task
+# ids must be consecutive (a stepped or sparse --array is refused).
 # DATA and this repository must be on a file system every node sees. Environment: PYTHON.
 #SBATCH --job-name=prep_data
 #SBATCH --array=0-7
@@ -51,7 +52,16 @@ fi
 task="$SLURM_ARRAY_TASK_ID"
 count="${SLURM_ARRAY_TASK_COUNT:-1}"
 first="${SLURM_ARRAY_TASK_MIN:-0}"
-task=$((task - first))  # --array=8-15 works too
+last="${SLURM_ARRAY_TASK_MAX:-$first}"
+# Task I of N takes the chunks I modulo N: the ids must be N consecutive numbers (--array=8-15
+# works too). A stepped or sparse array (0-30:2, 0,3,7) would leave chunks to tasks that never
+# run: refused before anything is written (the merge is not submitted either).
+if [[ $((last - first + 1)) -ne "$count" || "${SLURM_ARRAY_TASK_STEP:-1}" -ne 1 ]]; then
+    echo "error: slurm/prep_data.sh needs consecutive array task ids (--array=A-B), got $count task(s) from" \
+         "$first to $last${SLURM_ARRAY_TASK_STEP:+ in steps of $SLURM_ARRAY_TASK_STEP}: submit --array=0-$((count - 1))" >&2
+    exit 2
+fi
+task=$((task - first))
 if [[ "$task" -eq 0 ]]; then
     same=(--cpus-per-task "${SLURM_CPUS_PER_TASK:-1}")  # the array's own resources, not the defaults
     [[ -n "${SLURM_JOB_PARTITION:-}" ]] && same+=(--partition "$SLURM_JOB_PARTITION")

@@ -133,3 +133,19 @@ def test_prep_data_array_equals_one_machine_build(slurm, tmp_path, wiki_dump):
     build(BuildArgs(out=tmp_path / "single", sources=[f"wikipedia:{wiki_dump}"], seq_len=64,
                     val_fraction=0.05, shard_size=5000, workers=2))
     assert tree_bytes(tmp_path / "array") == tree_bytes(tmp_path / "single")
+
+
+def test_prep_data_refuses_a_stepped_array(slurm, tmp_path, wiki_dump):
+    """--array=0-4:2 would leave the chunks of tasks 1 and 3 to no task: every task exits 2 with a
+    message before writing anything, and no merge is submitted."""
+    env = dict(slurm.env, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    slurm.cmd(["sbatch", "--parsable", "--array=0-4:2", "--cpus-per-task=1", str(ROOT / "slurm" / "prep_data.sh"),
+               "--source", f"wikipedia:{wiki_dump}", "--out", str(tmp_path / "stepped")], cwd=tmp_path, env=env)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("prep_data*.out"))) < 3 or slurm.squeue():
+        assert time.time() < deadline, slurm.diagnostics()
+        time.sleep(0.5)
+    outputs = {p.name: p.read_text() for p in tmp_path.glob("prep_data*.out")}
+    assert len(outputs) == 3 and not any("merge" in k for k in outputs), outputs
+    assert all("needs consecutive array task ids" in v and "--array=0-2" in v for v in outputs.values()), outputs
+    assert not (tmp_path / "stepped").exists()
