@@ -186,17 +186,22 @@ class EarlyBirdRule:
     def update(self, step: int, heads: list[np.ndarray], ffn: list[np.ndarray],
                gates: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> tuple[str | None, dict]:
         """Add one snapshot's masks (drawn from `gates`, its |gate| values, which the near-tie
-        count needs); returns (reason the ticket is drawn or None, distances and near-ties)."""
+        count needs); returns (reason the ticket is drawn or None, distances and near-ties: the
+        counts in "near_ties", the fractions the rule checks in "ties_heads" and "ties_ffn")."""
         self.history.append((step, heads, ffn))
         while len(self.history) > self.window:
             self.history.popleft()
         older = list(self.history)[:-1]
         d = {"step": step,
              "heads": [mask_distance(heads, h) for _, h, _ in older],
-             "ffn": [mask_distance(ffn, f) for _, _, f in older], "ties_heads": None, "ties_ffn": None}
+             "ffn": [mask_distance(ffn, f) for _, _, f in older], "near_ties": None,
+             "ties_heads": None, "ties_ffn": None}
+        if gates is not None:
+            d["near_ties"] = (near_ties(gates[0], heads, self.tie_margin),
+                              near_ties(gates[1], ffn, self.tie_margin, self.ffn_pooled))
         if self.tie_margin > 0 and gates is not None:
-            d["ties_heads"] = near_ties(gates[0], heads, self.tie_margin) / sum(len(h) for h in heads)
-            d["ties_ffn"] = near_ties(gates[1], ffn, self.tie_margin, self.ffn_pooled) / sum(len(f) for f in ffn)
+            d["ties_heads"] = d["near_ties"][0] / sum(len(h) for h in heads)
+            d["ties_ffn"] = d["near_ties"][1] / sum(len(f) for f in ffn)
         stable = len(self.history) == self.window and step >= self.min_steps \
             and max(d["heads"]) < self.epsilon and max(d["ffn"]) < self.epsilon
         decided = d["ties_heads"] is None or max(d["ties_heads"], d["ties_ffn"]) <= self.epsilon

@@ -128,8 +128,8 @@ class Experiment:
 
     def arm_args(self, arm: str) -> list[str]:
         flags = [*self.shared, "--run_dir", str(self.out / arm), "--max_steps", str(self.budget), *ARM_FLAGS[arm]]
-        if "--wandb_project" in {f.split("=")[0] for f in self.shared} and \
-                "--wandb_group" not in {f.split("=")[0] for f in self.shared}:
+        named = {f.split("=")[0] for f in self.shared}
+        if "--wandb_project" in named and "--wandb_group" not in named:
             flags += ["--wandb_group", f"experiment-{self.out.resolve().name}"]  # the arms: one W&B group
         return flags
 
@@ -211,10 +211,14 @@ class Experiment:
         print(f"experiment: {dst} branched from {src.path} at its ticket (step {step})", file=sys.stderr)
 
     # -- running the arms
+    def read_jobs(self) -> dict:
+        """EXP/jobs.json: the Slurm job of each arm (and of the report) that --slurm submitted."""
+        return json_object(self.jobs) if self.jobs.exists() else {}
+
     def run_here(self, arms: list[str]) -> int:
         env = dict(os.environ)
         env.setdefault("PYTHON", sys.executable)
-        jobs = json_object(self.jobs) if self.jobs.exists() else {}
+        jobs = self.read_jobs()
         for arm in arms:
             if self.finished(arm):
                 print(f"experiment: {arm}: finished at step {self.budget}", file=sys.stderr)
@@ -250,7 +254,7 @@ class Experiment:
         """One Slurm job per unfinished arm (none for an arm whose job is still queued or running),
         a branch's after the earlybert arm's, then the report's after all of them (one job, unless
         one is still waiting for the same arms). Returns the arms' jobs queued or running."""
-        jobs = json_object(self.jobs) if self.jobs.exists() else {}
+        jobs = self.read_jobs()
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, LOG_DIR=str(logs))

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.dist import Comm
-from pipeline.earlybird import EarlyBirdRule, draw_masks, near_ties, random_masks
+from pipeline.earlybird import EarlyBirdRule, draw_masks, random_masks
 from pipeline.engine import full_weights, gate_values
 from pipeline.errors import UserError, writing
 from pipeline.hf import export
@@ -47,7 +47,8 @@ class Search:
         """At a launch's start, resuming at `step`: drops the snapshots and a ticket of a trajectory
         the resume discards (newer than `step`), rebuilds the rule's history from the snapshots
         kept, checks a ticket already in RUN; keeps the starting weights (RUN/init.safetensors, for
-        --ticket_weights rewind and for a rewound branch of pipeline.experiment); then writes RUN/search.json (last: the monitor starts watching when it appears)."""
+        --ticket_weights rewind and for a rewound branch of pipeline.experiment); then writes
+        RUN/search.json (last: the monitor starts watching when it appears)."""
         config = self.engine.module.config
         error = None
         if self.rank == 0:
@@ -56,7 +57,7 @@ class Search:
                 self.fired_at = found["step"] if found is not None and found["step"] == step else None
                 self.run.discard_after(step)
                 for s, path in self.run.snapshot_paths():
-                    self._verdict(s, path)
+                    self._replay(s, path)
             except UserError as e:  # reported by every rank, not only this one
                 error = str(e)
         error = self.comm.broadcast(error)
@@ -72,18 +73,17 @@ class Search:
         publishes the ticket when it fires). Returns, on every rank, whether the ticket is due now."""
         if step % self.s.snapshot_every != 0:
             return False
-        heads, ffn = gate_values(self.engine)
+        gates = gate_values(self.engine)
         fired = False
         if self.rank == 0:
-            # the snapshot's float32 |gate| values, as the rule and the monitor read them back
-            heads, ffn = ([np.abs(g).astype(np.float32).astype(np.float64) for g in part] for part in (heads, ffn))
-            masks = draw_masks(heads, ffn, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
-            ties = [near_ties(heads, masks[0], self.s.tie_margin),
-                    near_ties(ffn, masks[1], self.s.tie_margin, pooled=self.s.ffn_multiple == 1)]
-            path = self.run.write_snapshot(step, heads, ffn, near_ties=(*ties, self.s.tie_margin))
-            verdict = self._verdict(step, path)
-            if verdict is not None:
-                self.run.put_ticket(ticket_record(step, *verdict, self.run.fingerprint(), *self._last_masks(), []))
+            # The snapshot's float32 |gate| values, exactly what a resumed rule and the monitor read
+            # back from it; the snapshot is on disk before its ticket is.
+            gates = tuple([np.abs(g).astype(np.float32).astype(np.float64) for g in part] for part in gates)
+            reason, d = self._apply(step, gates)
+            self.run.write_snapshot(step, *gates, near_ties=(*d["near_ties"], self.s.tie_margin))
+            if reason is not None:
+                self.run.put_ticket(ticket_record(step, reason, "trainer", self.run.fingerprint(),
+                                                  *self._last_masks(), []))
                 self.fired_at, fired = step, True
         return self.comm.agree(fired)
 
@@ -117,14 +117,16 @@ class Search:
             raise UserError(found + "; remove it to let the search go on")
         return found
 
-    def _verdict(self, step: int, path: Path) -> tuple[str, str] | None:
-        """Rank 0: the rule on snapshot `path` as written (the values the monitor reads), added to
-        the history; (reason, source) when it fires."""
+    def _replay(self, step: int, path: Path) -> None:
+        """Rank 0, resuming: the rule on snapshot `path` as written (the values the monitor
+        reads), added to the history."""
         config = self.engine.module.config
-        heads_g, ffn_g = self.run.read_snapshot(path, config.num_layers, (config.heads, config.ffn))
-        heads, ffn = draw_masks(heads_g, ffn_g, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
-        reason, _ = self.rule.update(step, heads, ffn, (heads_g, ffn_g))
-        return None if reason is None else (reason, "trainer")
+        self._apply(step, self.run.read_snapshot(path, config.num_layers, (config.heads, config.ffn)))
+
+    def _apply(self, step: int, gates: tuple[list, list]) -> tuple[str | None, dict]:
+        """Rank 0: the masks drawn from |gate| values and the rule's verdict on them."""
+        heads, ffn = draw_masks(*gates, self.s.prune_heads, self.s.prune_ffn, self.s.ffn_multiple)
+        return self.rule.update(step, heads, ffn, gates)
 
     def _last_masks(self) -> tuple[list, list]:
         _, heads, ffn = self.rule.history[-1]
