@@ -61,6 +61,7 @@ def load_ds_config(path: Path, max_steps: int, world: int) -> dict:
     scheduler = field_of(cfg, "scheduler", dict, where, default={})
     field_of(scheduler, "type", str, f"{where}: scheduler", default=None)
     sched = field_of(scheduler, "params", dict, f"{where}: scheduler", default={})
+    field_of(sched, "warmup_max_lr", float, f"{where}: scheduler params", low=0, default=None)
     if sched.get("total_num_steps") != "auto":
         field_of(sched, "total_num_steps", float, f"{where}: scheduler params", low=1, default=None)
     if sched.get("total_num_steps") == "auto":
@@ -136,14 +137,20 @@ def run_identity(s: TrainSettings, model: BertForMLM, manifest: dict, ds_cfg: di
     return identity
 
 
-def make_engine(model: BertForMLM, s: TrainSettings, ds_cfg: dict, device: torch.device):
-    """The DeepSpeed engine around the model: attention path, optimizer, torch.compile."""
+def make_engine(model: BertForMLM, s: TrainSettings, ds_cfg: dict, device: torch.device, gates_apart: bool = False):
+    """The DeepSpeed engine around the model: attention path, optimizer (gates_apart: the gates in
+    a parameter group of their own), torch.compile."""
     try:
         model.set_attention(s.attention)
     except ValueError as e:
         raise UserError(str(e))
     try:
-        optimizer = make_optimizer(model, ds_cfg, device)
+        optimizer = make_optimizer(model, ds_cfg, device, gates_apart=gates_apart)
+        # The gates' own LR (Trainer.set_lr): the peak the schedule rises to, else the optimizer's
+        peak = ds_cfg.get("scheduler", {}).get("params", {}).get("warmup_max_lr", optimizer.defaults["lr"])
+        for group in optimizer.param_groups:
+            if group.get("gates"):
+                group["peak_lr"] = float(peak)
     except ValueError as e:
         raise UserError(f"{s.deepspeed_config}: {e}")
     if s.compile:

@@ -78,7 +78,7 @@ def parse_args(argv=None) -> tuple[FinetuneSettings, SearchSettings]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, FinetuneSettings)
     add_arguments(p.add_argument_group("EarlyBERT (--earlybird on; the fine-tuning preset's defaults)"),
-                  SearchSettings, skip=("rewarmup_steps",))
+                  SearchSettings, skip=("rewarmup_steps", "gate_lr"))
     p.set_defaults(**SearchSettings.finetune_defaults())
     # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -376,17 +376,21 @@ def init_weights(m: nn.Module, std: float) -> None:
         nn.init.zeros_(m.bias)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float, gates_apart: bool = False) -> list[dict]:
     """AdamW groups: no weight decay on biases, LayerNorm and gates (EARLYBERT.md); a tied
-    parameter once."""
-    decay, no_decay, seen = [], [], set()
+    parameter once. gates_apart: the gates in a third group marked "gates" (its own LR, set by
+    the trainer), when the model has gates."""
+    decay, no_decay, gates, seen = [], [], [], set()
     for n, p in module.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or is_gate(n) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if is_gate(n) and gates_apart:
+            gates.append(p)
+        else:
+            (no_decay if p.ndim < 2 or is_gate(n) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": gates, "weight_decay": 0.0, "gates": True}] if gates else [])
 
 
 class BertForMLM(nn.Module):
@@ -457,8 +461,8 @@ class BertForMLM(nn.Module):
     def gates(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if is_gate(n)]
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        return param_groups(self, weight_decay)
+    def param_groups(self, weight_decay: float, gates_apart: bool = False) -> list[dict]:
+        return param_groups(self, weight_decay, gates_apart)
 
     def num_parameters(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -131,13 +131,15 @@ def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, step: int, *, lr, beta1, 
     torch._foreach_addcmul_(params, update, ratio.mul_(-lr).unbind(0))
 
 
-def make_optimizer(model, ds_cfg: dict, device, config_name: str | None = None) -> torch.optim.Optimizer:
+def make_optimizer(model, ds_cfg: dict, device, config_name: str | None = None,
+                   gates_apart: bool = False) -> torch.optim.Optimizer:
     """The client optimizer for deepspeed.initialize(model=..., optimizer=...) from the config's
     `optimizer` block (type + params), which is removed from ds_cfg so that DeepSpeed uses this
     optimizer instead of building one. Without a block: AdamW with the defaults below.
 
-    Groups come from model.param_groups(weight_decay): params.weight_decay (default 0.01) on the
-    weights, 0 on biases, LayerNorm and EarlyBERT gates.
+    Groups come from model.param_groups(weight_decay, gates_apart): params.weight_decay (default
+    0.01) on the weights, 0 on biases, LayerNorm and EarlyBERT gates (with gates_apart, the gates
+    in a group of their own marked "gates").
     - "AdamW": torch.optim.AdamW (fused on CUDA), defaults lr 1e-4, betas (0.9, 0.999), eps 1e-8.
     - "LAMB" / "Lamb": pipeline.optim.Lamb, defaults lr 1e-3, betas (0.9, 0.999), eps 1e-6,
       max_trust_ratio None. Needs the unflattened parameters: ZeRO stage 0, fp32 parameters
@@ -150,7 +152,7 @@ def make_optimizer(model, ds_cfg: dict, device, config_name: str | None = None) 
     kind = str(opt.get("type", "AdamW"))
     params = dict(opt.get("params", {}))
     if kind.lower() == "adamw":
-        groups = model.param_groups(params.pop("weight_decay", 0.01))
+        groups = model.param_groups(params.pop("weight_decay", 0.01), gates_apart)
         kw = {"lr": params.get("lr", 1e-4), "betas": tuple(params.get("betas", (0.9, 0.999))),
               "eps": params.get("eps", 1e-8)}
         if torch.device(device).type == "cuda":
@@ -170,7 +172,7 @@ def make_optimizer(model, ds_cfg: dict, device, config_name: str | None = None) 
                              f"(got ZeRO stage {zero}, "
                              f"bf16 {bool(ds_cfg.get('bf16', {}).get('enabled'))}, "
                              f"fp16 {bool(ds_cfg.get('fp16', {}).get('enabled'))})")
-        groups = model.param_groups(params.pop("weight_decay", 0.01))
+        groups = model.param_groups(params.pop("weight_decay", 0.01), gates_apart)
         optimizer = Lamb(groups, lr=params.get("lr", 1e-3), betas=tuple(params.get("betas", (0.9, 0.999))),
                          eps=params.get("eps", 1e-6), max_trust_ratio=params.get("max_trust_ratio"))
     else:

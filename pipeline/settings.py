@@ -139,6 +139,10 @@ class SearchSettings:
     the ticket drawn from it and how the efficient stage starts (see shared/EARLYBERT.md)."""
     l1: float = setting(1e-4, "L1 coefficient on |gate|, applied once per optimizer step whatever the "
                               "gradient accumulation")
+    gate_lr: str = setting("peak", "the gates' LR while searching: peak: the optimizer's peak LR (the scheduler's "
+                                   "warmup_max_lr, else the optimizer's lr) from the first step, constant, so a "
+                                   "search shorter than the LR warm-up still moves them; schedule: the model's LR "
+                                   "schedule, as every parameter", choices=("peak", "schedule"))
     snapshot_every: int = setting(10, "steps between gate snapshots (RUN/gates/)")
     search_min_steps: int = setting(100, "the early-bird rule does not fire before this step")
     search_max_steps: int = setting(400, "no ticket by then: the trainer draws it from its own gates")
@@ -187,9 +191,10 @@ class SearchSettings:
         """The fine-tuning preset (the paper's fine-tuning protocol): 40 % of FFN neurons pruned
         (heads: 4 of 12, as in pre-training), the ticket rewound to the pre-trained weights; the
         search's length and snapshot interval follow from --search_fraction of the first epoch
-        (None: resolved by `for_search_length`), the rule may fire once its window is full."""
+        (None: resolved by `for_search_length`), the rule may fire once its window is full; the gates
+        follow fine-tuning's own LR schedule (no --gate_lr flag)."""
         return {"prune_ffn": 0.4, "ticket_weights": "rewind", "search_min_steps": 0,
-                "search_max_steps": None, "snapshot_every": None}
+                "search_max_steps": None, "snapshot_every": None, "gate_lr": "schedule"}
 
     def for_search_length(self, steps: int) -> "SearchSettings":
         """Fine-tuning's settings in force: an unset search length (the fallback step) set to
@@ -214,13 +219,14 @@ class SearchSettings:
     def from_record(cls, record: dict, where: str) -> "SearchSettings":
         """From RUN/search.json. A file written before a setting existed gets the value that
         reproduces what that run did: ffn_multiple 1 (free widths), tie_margin 0 (no near-tie
-        check), and the older names min_steps
+        check), gate_lr schedule (the gates followed the model's LR), and the older names min_steps
         and max_steps for the search's bounds."""
         if not isinstance(record, dict):
             raise UserError(f"{where}: holds {json_kind(record)}, expected a JSON object")
         values = cls.legacy_names(record)
         values.setdefault("ffn_multiple", 1)
         values.setdefault("tie_margin", 0.0)  # a search begun before near-ties were counted
+        values.setdefault("gate_lr", "schedule")  # ... or before the gates had an LR of their own
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             if f.name not in values:

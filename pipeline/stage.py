@@ -60,6 +60,9 @@ def locate(run: RunDir, settings: TrainSettings, search: SearchSettings) -> Star
     search = replace(search, ffn_multiple=resolve_ffn_multiple(search.ffn_multiple,
                                                                began.settings if began else None,
                                                                str(run.search_json)))
+    if began is not None and "gate_lr" not in began.present:
+        # begun before the gates had an LR of their own: its checkpoints hold two parameter groups
+        search = replace(search, gate_lr="schedule")
     checkpoint = run.latest_checkpoint()
     if checkpoint is not None and phase == Phase.EFFICIENT and checkpoint.get("phase") != Phase.EFFICIENT:
         checkpoint = None  # the dense model's checkpoint: the efficient stage starts from RUN/pruned

@@ -119,7 +119,8 @@ class Trainer:
         # every micro batch by the accumulation steps, so the step's gates see l1 once, whatever
         # the accumulation (it used to be divided here as well: l1 / gas per step).
         model.l1 = self.start.search.l1 if self.phase == Phase.SEARCH else 0.0
-        self.engine = make_engine(model, s, self.ds_cfg, device)
+        self.engine = make_engine(model, s, self.ds_cfg, device, gates_apart=self.phase == Phase.SEARCH
+                                  and self.start.search.gate_lr == "peak")
         self.metrics = Metrics(self.run, rank)
         self.search = Search(self.engine, self.run, self.comm, rank, self.start.search, s.seed,
                              s.data / self.manifest["tokenizer"], self.log) if self.phase == Phase.SEARCH else None
@@ -253,7 +254,7 @@ class Trainer:
         state.flops += flops_all
         if not r.skipped:
             state.step += 1
-            self.set_lr(state.step)
+        self.set_lr(state.step)  # after a skipped step too: the gates' LR stays theirs
         state.elapsed = time.time() - t_start
         return r
 
@@ -279,6 +280,7 @@ class Trainer:
                "train_flops": state.flops}
         if self.phase == Phase.SEARCH:
             row["gate_l1"] = r.gate_l1 / self.world
+            row["gate_lr"] = next((g["lr"] for g in self.gate_groups()), row["lr"])
         if r.skipped:
             row["skipped"] = True  # fp16 overflow: batch consumed, no optimizer step, no LR step
         self.metrics.log(row)
@@ -332,9 +334,15 @@ class Trainer:
         return EXIT_NONFINITE
 
     def set_lr(self, step: int, fast_forward: bool = False) -> None:
-        """The efficient stage's fresh optimizer follows the LR schedule by global step, with an
-        optional linear re-warm-up from the step the ticket was taken."""
+        """The LR of the step after `step`, where it is not the schedule's (DeepSpeed steps that):
+        while searching with --gate_lr peak, the gates' group stays at its peak; the efficient
+        stage's fresh optimizer follows the schedule by global step, with an optional linear
+        re-warm-up from the step the ticket was taken."""
         sched = self.engine.lr_scheduler
+        if self.phase == Phase.SEARCH:
+            for group in self.gate_groups():
+                group["lr"] = group["peak_lr"]
+            return
         if sched is None or self.phase != Phase.EFFICIENT:
             return
         if fast_forward and step > 0:
@@ -343,6 +351,10 @@ class Trainer:
         factor = 1.0 if n <= 0 else min(1.0, (step + 1 - self.start.ticket_taken_at) / n)
         for group, lr in zip(sched.optimizer.param_groups, sched.get_lr()):
             group["lr"] = lr * factor
+
+    def gate_groups(self) -> list[dict]:
+        """The optimizer's parameter group of the gates, when they have one (--gate_lr peak)."""
+        return [g for g in self.engine.optimizer.param_groups if g.get("gates")]
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = 1

@@ -9,7 +9,7 @@ first, last = int(sys.argv[1]), int(sys.argv[2])
 make_engine = train.make_engine
 
 
-def make_engine_with_nan(model, s, ds_cfg, device):
+def make_engine_with_nan(model, s, ds_cfg, device, **kw):
     gas, calls = ds_cfg["gradient_accumulation_steps"], [0]
 
     def hook(grad):
@@ -18,7 +18,7 @@ def make_engine_with_nan(model, s, ds_cfg, device):
         return grad * float("nan") if first <= step <= last else grad
 
     model.bert.embeddings.word_embeddings.weight.register_hook(hook)
-    return make_engine(model, s, ds_cfg, device)
+    return make_engine(model, s, ds_cfg, device, **kw)
 
 
 train.make_engine = make_engine_with_nan

@@ -279,3 +279,52 @@ def test_l1_reaches_the_gates_once_whatever_the_accumulation(tmp_path, small_dat
         l1_part = g[f"{gas}-{l1}"] - g[f"{gas}-0.0"]
         assert np.allclose(l1_part, l1, rtol=1e-3, atol=1e-7), (gas, l1_part.min(), l1_part.max())
         assert np.abs(g[f"{gas}-0.0"]).max() > 1e-4  # the MLM part is there too (masks differ per micro batch)
+
+
+def gate_drift(run) -> float:
+    """The largest |1 - gate| of the run's last snapshot, heads and FFN together."""
+    last = RunDir(run).snapshot_paths()[-1][1]
+    with np.load(last) as z:
+        return max(float(np.abs(1 - z[k]).max()) for k in z.files if k.startswith(("heads_", "ffn_")))
+
+
+def test_gates_keep_the_peak_lr_through_a_long_warm_up(tmp_path, small_data):
+    """--gate_lr peak (the default): while the model's LR warms up over 1,000 steps, the gates'
+    group trains at the peak from the first step (logged as gate_lr) and moves far more than the
+    schedule allows; --gate_lr schedule keeps them on the schedule. A search begun before the
+    setting existed (no gate_lr in RUN/search.json and run.json) resumes with the schedule: its
+    checkpoints hold two parameter groups."""
+    cfg = json.loads(ds_config(tmp_path, "cpu.json").read_text())
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 1000
+    cfg_path = tmp_path / "long_warmup.json"
+    cfg_path.write_text(json.dumps(cfg))
+    peak = cfg["scheduler"]["params"]["warmup_max_lr"]
+    drift = {}
+    for mode in ("peak", "schedule"):
+        run = tmp_path / mode
+        r = run_train(train_cmd(), *train_args(cfg_path, small_data, run, max_steps=400, gate_lr=mode,
+                                               search_min_steps=2, search_max_steps=6, snapshot_every=2,
+                                               checkpoint_every=3, eval_every=0))
+        assert r.returncode == 76, r.stderr[-3000:]
+        rows = steps(run)
+        assert [x["step"] for x in rows] == list(range(1, 7))
+        assert all(x["lr"] < peak / 100 for x in rows)  # the model's LR: still warming up
+        assert all(x["gate_lr"] == (peak if mode == "peak" else x["lr"]) for x in rows), rows
+        drift[mode] = gate_drift(run)
+    warmup_sum = sum(x["lr"] for x in rows)
+    assert drift["peak"] > 100 * warmup_sum and drift["peak"] > peak, drift
+    assert drift["schedule"] < 10 * warmup_sum, (drift, warmup_sum)
+
+    # The schedule run as one begun before --gate_lr: its records without the field, its ticket
+    # undone, so the relaunch resumes the search from the step-6 checkpoint.
+    run = RunDir(tmp_path / "schedule")
+    for path, inner in ((run.search_json, None), (run.run_json, "search")):
+        d = json.loads(path.read_text())
+        del (d[inner] if inner else d)["gate_lr"]
+        path.write_text(json.dumps(d))
+    shutil.rmtree(run.pruned)
+    run.ticket.unlink()
+    r = run_train(train_cmd(), *train_args(cfg_path, small_data, run.path, max_steps=400, search_min_steps=2,
+                                           search_max_steps=6, snapshot_every=2, checkpoint_every=3, eval_every=0))
+    assert r.returncode == 76, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and run.pruned_ready()
