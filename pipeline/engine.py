@@ -7,6 +7,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.comm.torch import build_shm_op
 from deepspeed.utils import safe_get_full_fp32_param
 
 from data_prep.manifest import load_manifest, verify
@@ -17,6 +18,13 @@ from pipeline.model import PRESETS, BertConfig, BertForMLM, LayerNames, is_gate
 from pipeline.optim import make_optimizer
 from pipeline.settings import SearchSettings, TrainSettings, check_value, field_of, json_object
 from pipeline.trusted import trust_checkpoints
+
+
+def build_ops() -> None:
+    """Compiles the op deepspeed.init_distributed JIT-compiles on first use, once per machine (torch's
+    extension cache): the shared-memory collectives on CPU (about 40 s on 2 cores), nothing on CUDA.
+    pipeline.experiment calls it before the first arm, whose wall clock would otherwise carry it."""
+    build_shm_op()
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:

@@ -13,9 +13,9 @@ from helpers import ds_config, env, metrics
 EXPERIMENT = [sys.executable, "-m", "pipeline.experiment"]
 
 
-def experiment(*args, timeout=900) -> subprocess.CompletedProcess:
+def experiment(*args, timeout=900, **extra_env) -> subprocess.CompletedProcess:
     return subprocess.run([*EXPERIMENT, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(env(), PYTHON=sys.executable))
+                          timeout=timeout, env=dict(env(), PYTHON=sys.executable, **extra_env))
 
 
 def launches(run) -> list[dict]:
@@ -40,9 +40,15 @@ def test_arms_branch_continuation_and_report(tmp_path, small_data):
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr[-2000:])
         assert not exp.exists()
 
-    r = experiment("--out", exp, "--arms", "dense,earlybert", "--budget_steps", 30, *shared)
+    # A fresh torch extension cache: DeepSpeed's CPU collectives op is compiled (about 40 s) before
+    # the first arm starts, not inside the dense arm's wall clock.
+    ext = tmp_path / "torch_extensions"
+    r = experiment("--out", exp, "--arms", "dense,earlybert", "--budget_steps", 30, *shared,
+                   TORCH_EXTENSIONS_DIR=str(ext))
     assert r.returncode == 0, r.stderr[-4000:]
     dense, eb = exp / "dense", exp / "earlybert"
+    built = list(ext.rglob("*.so"))
+    assert built and max(x.stat().st_mtime for x in built) < launches(dense)[0]["start"], built
     assert json.loads((dense / "finished.json").read_text())["step"] == 30
     assert {x["phase"] for x in metrics(dense) if "loss" in x} == {"dense"}
     ticket = json.loads((eb / "pruned" / "trainer_state.json").read_text())
