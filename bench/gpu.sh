@@ -15,7 +15,8 @@
 #          bench/earlybird.py (bert-base, the paper's ticket, --ffn_multiple 1 and 64);
 #   fidelity (a part of its own, not in all; at most 5 minutes): bench/fidelity.py's four arms of
 #          pipeline.experiment (dense, earlybert, random, rewind) with bert-small on bench/gpu_data,
-#          ds_configs/zero0_bf16.json with a 100-step warm-up, 1200 steps, the search at most 300.
+#          ds_configs/zero0_bf16.json with a 100-step warm-up, 1200 steps, the search at most 300,
+#          --l1 7e-5 (outweighs bert-small's FFN gates as 1e-4 does bert-base's: bench/gate_grads.py).
 # Prints a short table last and writes JSON (and logs) to OUT_DIR. Exit status: non-zero when a
 # test or a benchmark failed.
 set -uo pipefail
@@ -53,7 +54,7 @@ status=0
 t0=$SECONDS
 if [[ "$PART" == fidelity ]]; then
     timeout 300 "$PYTHON" -m bench.fidelity --out "$OUT_DIR/fidelity" --data bench/gpu_data --model bert-small \
-        --deepspeed_config ds_configs/zero0_bf16.json --warmup_steps 100 --budget_steps 1200 --search_max_steps 300 \
+        --deepspeed_config ds_configs/zero0_bf16.json --warmup_steps 100 --budget_steps 1200 --search_max_steps 300 --l1 7e-5 \
         --json "$OUT_DIR/fidelity.json" 2>&1 | tee "$OUT_DIR/fidelity.log" | tail -12
     status="${PIPESTATUS[0]}"
     echo "total $((SECONDS - t0)) s"

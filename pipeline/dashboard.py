@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-TRAINING = [("loss", ["loss"]), ("learning rate", ["lr"]), ("throughput (tokens/s)", ["tokens_per_s"]),
+TRAINING = [("loss", ["loss"]), ("learning rate", ["lr", "gate_lr"]), ("throughput (tokens/s)", ["tokens_per_s"]),
             ("validation loss", ["val_loss"]), ("validation accuracy", ["val_accuracy"]),
             ("step time (s)", ["step_time_s"]), ("sum of |gate|", ["gate_l1"]), ("MFU", ["mfu"])]
 SEARCH = [("distance to the previous mask", ["earlybird/heads_to_previous", "earlybird/ffn_to_previous"]),
