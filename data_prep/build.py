@@ -10,6 +10,7 @@ is written last. The stages, each resumable after a kill:
                 the number of workers, so the bytes are the same for any --workers.
   3. shard      a seeded global permutation of each split, written shard by shard.
   4. finalize   .work/final/* moved into OUT, manifest.json written, .work removed.
+Stages 1-4 hold OUT/.lock (lock.py): one build or array merge writes an OUT at a time.
 
 As a Slurm array, stage 2's costly part runs in the array tasks instead (array.py).
 """
@@ -33,6 +34,8 @@ from .args import BuildArgs
 from .chunks import ChunkResult, iter_chunks
 from .events import SourceCounts
 from .files import atomic_write_json, sha256_file
+from .lock import NAME as LOCK
+from .lock import out_lock
 from .pack import BOUNDARY_FORMAT, SplitPacker, token_dtype
 from .sources import SourceSpec
 from .tokenizer import TokenizerFiles, check_tokenizer, load_saved, load_tokenizer
@@ -69,20 +72,24 @@ class Build:
         if self._finished():
             print(f"{self.out}: already built with these arguments (manifest.json); nothing to do",
                   file=sys.stderr)
+            if (self.out / LOCK).exists() and (self.out / LOCK).stat().st_size:
+                with out_lock(self.out):  # killed after the manifest: its holder's name cleared
+                    pass
             return json.loads((self.out / "manifest.json").read_text())
         # A bad --tokenizer fails here, before anything in OUT is touched.
         given = load_tokenizer(self.args.tokenizer, self.args.cased) if self.args.tokenizer else None
-        self.state = self._open_work()
-        tok = self._tokenizer(given)
-        self.vocab_size = len(tok)
-        self.ids = tok.special_ids()
-        self.special_strings = tok.special
-        self.dtype = token_dtype(self.vocab_size)
-        if self.state["stage"] == "pack":
-            self._pack()
-        if self.state["stage"] == "shard":
-            self._shard()
-        manifest = self._finalize()
+        with out_lock(self.out):  # a second build or a requeued merge on OUT stops here
+            self.state = self._open_work()
+            tok = self._tokenizer(given)
+            self.vocab_size = len(tok)
+            self.ids = tok.special_ids()
+            self.special_strings = tok.special
+            self.dtype = token_dtype(self.vocab_size)
+            if self.state["stage"] == "pack":
+                self._pack()
+            if self.state["stage"] == "shard":
+                self._shard()
+            manifest = self._finalize()
         self._summary(manifest)
         return manifest
 
@@ -108,7 +115,7 @@ class Build:
                  "splits": {}, "sources": [SourceCounts().to_json() for _ in self.specs]}
         if self.out.exists() and not (self.out / "manifest.json").exists() \
                 and not self.state_path.exists() \
-                and any(p.name not in (".work", array.ARRAY_DIR) for p in self.out.iterdir()) \
+                and any(p.name not in (".work", array.ARRAY_DIR, LOCK) for p in self.out.iterdir()) \
                 and not self.args.overwrite:
             raise UserError(f"{self.out}: exists and is not a data_prep output; pass --overwrite "
                             "or choose another --out")

@@ -265,6 +265,32 @@ def test_finished_out_is_not_overwritten(tmp_path, text_corpus):
     assert r.returncode != 0 and (foreign / "precious.txt").read_text() == "keep me"
 
 
+HOLD_LOCK = ("import sys, time\nfrom pathlib import Path\nfrom data_prep.lock import out_lock\n"
+             "with out_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+def test_one_build_at_a_time_on_out(tmp_path, text_corpus):
+    """OUT/.lock: a build while another live process holds it (a second build, a requeued merge)
+    exits 2 naming the holder and writes nothing; once the holder is killed with SIGKILL, its
+    record left in the file, the next build takes the lock and finishes, and leaves it released."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        base = ["-m", "data_prep", "build", "--source", f"text:{text_corpus}", "--out", out, "--workers", "1"]
+        r = run_cli(*base)
+        assert r.returncode == 2 and f"pid {holder.pid} on " in r.stderr and str(out / ".lock") in r.stderr, r.stderr
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f'"pid": {holder.pid}' in (out / ".lock").read_text()  # SIGKILL: never released by its holder
+    r = run_cli(*base)
+    assert r.returncode == 0 and f"taking the lock left by pid {holder.pid} on " in r.stderr, r.stderr
+    assert (out / "manifest.json").exists() and (out / ".lock").read_bytes() == b""
+
+
 def test_trained_vocabulary(tmp_path, text_corpus):
     outs = []
     for workers in (1, 2):
