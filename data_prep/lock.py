@@ -5,9 +5,9 @@ An exclusive POSIX record lock (fcntl F_SETLK) on OUT/.lock, held while the buil
 NFS and Lustre carry between nodes, and one that forked workers do not inherit (an orphaned worker
 must not keep OUT locked). The kernel (or the NFS server's lock lease, for a node that died)
 releases it when its holder dies however it dies, so a lock left by a killed build is never
-mistaken for a live one and is simply taken. The file names its holder (host,
-pid, Slurm job, since when) for the message a second build gets. On a file system without working
-locks (some Lustre mounts without -o flock or localflock) the build warns and goes on unlocked.
+mistaken for a live one and is simply taken. The file names its holder (host, pid, Slurm job,
+since when) for the message a second build gets. On a file system without working locks (some
+Lustre mounts without -o flock or localflock) the build warns and goes on unlocked.
 """
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ branch's flag: the searching stage is trained once, and the arms differ only in 
 
 Here the arms run one after another, after DeepSpeed's JIT-compiled op (CPU collectives) is built
 once, so that no arm's wall clock carries a one-time compile. With --slurm "SBATCH ARGS" each arm
-is a Slurm job (a branch's job starts after the earlybert arm's, then a job writes the report). The same command
-again continues what is unfinished (a job still queued or running is left alone) and does nothing
-once every arm is finished. Then EXP/report.json, EXP/report.md and the plots are (re)written:
+is a Slurm job (a branch's job starts after the earlybert arm's, then a job writes the report).
+The same command again continues what is unfinished (a job still queued or running is left alone)
+and does nothing once every arm is finished. Then EXP/report.json, EXP/report.md and the plots are (re)written:
 per arm the final validation loss and accuracy, wall clock (RUN/launches.jsonl: every launch,
 start-up, evaluation and the relaunch included), training FLOPs, tokens, parameters, median step
 times, ticket step and shape; and the verdicts: time saved, validation loss gap, when earlybert
@@ -220,7 +220,8 @@ class Experiment:
         env = dict(os.environ)
         env.setdefault("PYTHON", sys.executable)
         jobs = self.read_jobs()
-        build_ops()  # a one-time compile is no arm's cost
+        if not all(self.finished(arm) for arm in arms):
+            build_ops()  # a one-time compile is no arm's cost
         for arm in arms:
             if self.finished(arm):
                 print(f"experiment: {arm}: finished at step {self.budget}", file=sys.stderr)
