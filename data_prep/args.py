@@ -47,6 +47,9 @@ class BuildArgs:
     """Fraction of documents in the validation split."""
     shard_size: int = 1 << 17
     """Sequences per shard."""
+    unit_mb: float = 16.0
+    """Size of a unit of work in MB of input as stored (compressed for .bz2): what one worker
+    reads at a time, and what the pack stage checkpoints and array tasks share out (units.py)."""
     overwrite: bool = False
     """Replace a finished OUT (or an unfinished build made with other arguments)."""
     task: str | None = None
@@ -85,6 +88,8 @@ class BuildArgs:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
         if self.shard_size < 1:
             raise UserError(f"--shard-size {self.shard_size}: must be at least 1 sequence")
+        if not self.unit_mb > 0:
+            raise UserError(f"--unit-mb {self.unit_mb}: must be positive")
         if self.workers < 1:
             raise UserError(f"--workers {self.workers}: must be at least 1")
         self.task_slice()
@@ -96,10 +101,14 @@ class BuildArgs:
                 raise UserError(f"--source {s.spec}: {s.target}: no such file or directory")
         return specs
 
+    def unit_bytes(self) -> int:
+        return max(1, int(self.unit_mb * 1e6))
+
     def worker_settings(self, tokenizer_dir: Path | None = None, dtype=None) -> WorkerSettings:
-        """For cleaning only (no tokenizer_dir), or for cleaning and encoding with the tokenizer
-        saved in tokenizer_dir into token ids of dtype."""
+        """For counting words (no tokenizer_dir), or for cleaning and encoding with the tokenizer
+        saved in tokenizer_dir into token ids of dtype. Call after check()."""
+        specs = tuple(parse_spec(s) for s in self.sources)
         if tokenizer_dir is None:
-            return WorkerSettings(self.seed, self.val_fraction)
-        return WorkerSettings(self.seed, self.val_fraction, str(tokenizer_dir / "tokenizer.json"),
-                              np.dtype(dtype).str)
+            return WorkerSettings(specs, self.seed, self.val_fraction, cased=self.cased)
+        return WorkerSettings(specs, self.seed, self.val_fraction, str(tokenizer_dir / "tokenizer.json"),
+                              self.cased, np.dtype(dtype).str)

@@ -3,16 +3,18 @@
 Everything in progress lives in OUT/.work; the finished output is moved into OUT and the manifest
 is written last. The stages, each resumable after a kill:
   1. tokenizer  (given, or trained on the train documents), saved to .work/tokenizer
-  2. pack       documents are read in a fixed order and cut into fixed chunks (chunks.py); worker
-                processes clean and tokenize chunks (workers.py); the main process packs their
-                results in chunk order into two append-only files per split (pack.py), and
-                checkpoints (state.json) every few seconds. Chunking and packing do not depend on
-                the number of workers, so the bytes are the same for any --workers.
+  2. pack       the input is cut into units (units.py: files, bz2 streams, byte ranges, dataset
+                shards) from the input alone; worker processes read, clean and tokenize units
+                (workers.py); the main process packs their results in unit order into two
+                append-only files per split (pack.py), and checkpoints (state.json) every few
+                seconds. Units and packing do not depend on the number of workers, so the bytes
+                are the same for any --workers.
   3. shard      a seeded global permutation of each split, written shard by shard.
   4. finalize   .work/final/* moved into OUT, manifest.json written, .work removed.
 Stages 1-4 hold OUT/.lock (lock.py): one build or array merge writes an OUT at a time.
 
-As a Slurm array, stage 2's costly part runs in the array tasks instead (array.py).
+As a Slurm array, stage 1's word counting and stage 2's reading, cleaning and tokenizing run in
+the array tasks instead, each reading only its units (array.py).
 """
 from __future__ import annotations
 
@@ -31,20 +33,23 @@ from pipeline.errors import UserError, writing
 
 from . import array
 from .args import BuildArgs
-from .chunks import ChunkResult, iter_chunks
+from .chunks import UnitResult
 from .events import SourceCounts
 from .files import atomic_write_json, sha256_file
 from .lock import NAME as LOCK
 from .lock import out_lock
 from .pack import BOUNDARY_FORMAT, SplitPacker, token_dtype
-from .sources import SourceSpec
+from .sources import SourceSpec, plan_units
 from .tokenizer import TokenizerFiles, check_tokenizer, load_saved, load_tokenizer
+from .vocab import train_wordpiece
 # is_validation is part of this module's API (tests import it from here with build and BuildArgs).
-from .workers import is_validation, process_chunk, run_ordered, train_vocabulary
+from .workers import is_validation, process_unit, run_ordered, vocabulary_counts
 
 __all__ = ["BuildArgs", "build", "is_validation"]
 
-FORMAT_VERSION = 1
+# 2: a JSONL line without an "id" is keyed by its byte offset (was its line number), an hf: row
+# without one by its shard and row in it, so their validation split changed. Readers take 1 and 2.
+FORMAT_VERSION = 2
 SPLITS = ("train", "validation")
 # How often the pack stage saves its state (seconds); tests shorten it to kill builds mid-way.
 CHECKPOINT_SECONDS = float(os.environ.get("DATA_PREP_CHECKPOINT_SECONDS", "5"))
@@ -78,6 +83,7 @@ class Build:
             return json.loads((self.out / "manifest.json").read_text())
         # A bad --tokenizer fails here, before anything in OUT is touched.
         given = load_tokenizer(self.args.tokenizer, self.args.cased) if self.args.tokenizer else None
+        self.units = plan_units(self.specs, self.args.unit_bytes())
         with out_lock(self.out):  # a second build or a requeued merge on OUT stops here
             self.state = self._open_work()
             tok = self._tokenizer(given)
@@ -111,7 +117,7 @@ class Build:
         return False
 
     def _open_work(self) -> dict:
-        fresh = {"args": self.args.recorded(), "work_format": array.WORK_FORMAT, "stage": "tokenizer", "chunks_done": 0,
+        fresh = {"args": self.args.recorded(), "work_format": array.WORK_FORMAT, "stage": "tokenizer", "units_done": 0,
                  "splits": {}, "sources": [SourceCounts().to_json() for _ in self.specs]}
         if self.out.exists() and not (self.out / "manifest.json").exists() \
                 and not self.state_path.exists() \
@@ -153,40 +159,39 @@ class Build:
         elif array.ready(self.out, self.args.recorded()) and array.saved_tokenizer(self.out).is_dir():
             tok = load_saved(array.saved_tokenizer(self.out))  # trained by the array tasks
         else:
-            tok = train_vocabulary(self.specs, self.args.vocab_size, self.args.cased,
-                                   self.args.workers, self.args.worker_settings())
+            counts = vocabulary_counts(self.units, self.args.workers, self.args.worker_settings(),
+                                       saved=lambda i: array.saved_counts(self.out, self.args.recorded(), i))
+            tok = train_wordpiece(counts, self.args.vocab_size, self.args.cased)
         tok.save(path)
         self._save(stage="pack")
         return tok
 
     # -- stage 2
-    def _chunk_results(self, done: int) -> Iterator[ChunkResult]:
-        """Stage 2's results in chunk order from chunk `done` on: the array tasks' files when
-        every task has finished (a missing or bad file's chunk computed here), else computed here."""
-        saved = array.saved_results(self.out, self.args.recorded(), done)
-        redo = None if saved is None else saved[1]
-        todo = (c for c in iter_chunks(self.specs) if c.index >= done and (redo is None or c.index in redo))
-        computed = run_ordered(process_chunk, todo, self.args.workers,
+    def _unit_results(self, done: int) -> Iterator[UnitResult]:
+        """Stage 2's results in unit order from unit `done` on: the array tasks' files when every
+        task has finished (a missing or bad file's unit computed here), else computed here."""
+        redo = array.units_to_redo(self.out, self.args.recorded(), done, len(self.units))
+        todo = [u for u in self.units[done:] if redo is None or u.index in redo]
+        computed = run_ordered(process_unit, todo, self.args.workers,
                                self.args.worker_settings(self.work / "tokenizer", self.dtype))
-        if saved is None:
-            yield from computed
-            return
         try:
-            for i in range(done, saved[0]):
-                yield next(computed) if i in redo else array.saved_result(self.out, i)
+            for u in self.units[done:]:
+                yield next(computed) if redo is None or u.index in redo else array.saved_result(self.out, u.index)
         finally:
-            computed.close()  # its workers, and the reading of the sources past the last chunk redone
+            computed.close()  # its workers
 
     def _pack(self) -> None:
         packers = {name: SplitPacker(self.work, name, self.args.seq_len, self.ids, self.dtype,
                                      self.state["splits"].get(name)) for name in SPLITS}
         counts = [SourceCounts.from_json(s) for s in self.state["sources"]]
-        done = self.state["chunks_done"]
-        bar = tqdm(desc="pack", unit=" docs", unit_scale=True, smoothing=0.05, file=sys.stderr,
-                   dynamic_ncols=True, mininterval=1.0)
+        done = self.state["units_done"]
+        bar = tqdm(desc="read, tokenize, pack", total=len(self.units), initial=done, unit=" units",
+                   smoothing=0.05, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         tokens0 = sum(p.num_tokens for p in packers.values())
+        read = 0
         last_save = time.time()
-        for result in self._chunk_results(done):
+        for result in self._unit_results(done):
+            self._once_per_document(result)
             source = counts[result.source]
             source.add(result.counts)
             for piece in result.pieces:
@@ -199,9 +204,11 @@ class Build:
             for p in packers.values():
                 p.flush()
             done = result.index + 1
-            bar.update(result.counts.documents_read)
+            read += result.bytes_read
+            bar.update()
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
             tokens = sum(p.num_tokens for p in packers.values()) - tokens0
-            bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s",
+            bar.set_postfix_str(f"{read / 1e6 / elapsed:,.1f} MB/s read, {tokens / elapsed:,.0f} tokens/s",
                                 refresh=False)
             if time.time() - last_save > CHECKPOINT_SECONDS:
                 self._checkpoint(packers, counts, done)
@@ -213,9 +220,23 @@ class Build:
         for p in packers.values():
             p.close()
 
+    def _once_per_document(self, result: UnitResult) -> None:
+        """A text file read in ranges is one document: its ranges' repairs (invalid UTF-8, NUL
+        bytes) are counted once for it, at its last range, as a whole read counts them."""
+        unit = self.units[result.index]
+        if unit.kind != "lines" or self.specs[unit.source].kind != "text":
+            return
+        pending = set(self.state.get("pending_repairs", [])) | set(result.counts.repaired)
+        result.counts.repaired = {}
+        if unit.part == unit.parts - 1:
+            for reason in sorted(pending):
+                result.counts.repair(reason)
+            pending = set()
+        self.state["pending_repairs"] = sorted(pending)
+
     def _checkpoint(self, packers: dict[str, SplitPacker], counts: list[SourceCounts], done: int,
                     stage: str = "pack") -> None:
-        self._save(stage=stage, chunks_done=done,
+        self._save(stage=stage, units_done=done,
                    splits={name: p.state() for name, p in packers.items()},
                    sources=[c.to_json() for c in counts])
 

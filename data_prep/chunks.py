@@ -1,17 +1,17 @@
-"""The unit of parallel work: a chunk of reader events sent to a worker, and what comes back.
+"""What a worker makes of a unit (units.py): the unit's reader events cut into chunks of bounded
+size (each cleaned and tokenized in one batch), and the unit's result.
 
-Chunk boundaries depend only on the sources (never on --workers or --task), so packing the
-results in chunk order gives the same bytes however the chunks were computed.
+Chunking happens inside a unit and does not change the result; units, not chunks, are what the
+pack stage checkpoints and the array tasks share out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from .events import Doc, Page, Skip, SourceCounts
-from .sources import SourceSpec, iter_source
+from .events import Doc, Event, Page, Skip, SourceCounts
 
 CHUNK_DOCS = 512
 CHUNK_CHARS = 1 << 20
@@ -19,11 +19,7 @@ CHUNK_CHARS = 1 << 20
 
 @dataclass
 class Chunk:
-    """Reader events for one worker call, all from one source."""
-    index: int
-    """Position in the build's chunk order (what the pack stage checkpoints and --task splits)."""
-    source: int
-    """Index of the source in --source order."""
+    """Reader events for one cleaning and tokenizing batch."""
     items: list[Doc | Page] = field(default_factory=list)
     """Document pieces and raw dump pages, in reading order."""
     counts: SourceCounts = field(default_factory=SourceCounts)
@@ -39,40 +35,38 @@ class Piece(NamedTuple):
 
 
 @dataclass
-class ChunkResult:
-    """A worker's output for one chunk; the array tasks save these for the merge (array.py: npz
+class UnitResult:
+    """A worker's output for one unit; the array tasks save these for the merge (array.py: npz
     and JSON, checksummed)."""
     index: int
     source: int
     pieces: list[Piece]
     counts: SourceCounts
-    """The chunk's counts plus what parsing its dump pages skipped or repaired."""
+    """The reader's counts plus what parsing the unit's dump pages skipped or repaired."""
+    bytes_read: int = 0
+    """Bytes the unit's reader took from disk (compressed bytes for a .bz2)."""
 
 
-def iter_chunks(specs: list[SourceSpec]) -> Iterator[Chunk]:
-    """Fixed-size chunks of reader events (document pieces, dump pages), each chunk from one
-    source, with the reader's counts."""
-    index = 0
-    for s, spec in enumerate(specs):
-        chunk, chars = Chunk(index, s), 0
-        for ev in iter_source(spec):
-            if isinstance(ev, Doc):
-                chunk.items.append(ev)
-                chars += len(ev.text)
-                if ev.first:
-                    chunk.counts.documents_read += 1
-            elif isinstance(ev, Page):
-                chunk.items.append(ev)
-                chars += len(ev.xml)
+def iter_chunks(events: Iterable[Event]) -> Iterator[Chunk]:
+    """The events cut into chunks of at most CHUNK_DOCS items or about CHUNK_CHARS characters,
+    with the reader's counts."""
+    chunk, chars = Chunk(), 0
+    for ev in events:
+        if isinstance(ev, Doc):
+            chunk.items.append(ev)
+            chars += len(ev.text)
+            if ev.first:
                 chunk.counts.documents_read += 1
-            else:
-                if isinstance(ev, Skip):  # a document read and dropped
-                    chunk.counts.documents_read += 1
-                chunk.counts.count(ev)
-            if len(chunk.items) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
-                yield chunk
-                index += 1
-                chunk, chars = Chunk(index, s), 0
-        if chunk.items or not chunk.counts.empty():
+        elif isinstance(ev, Page):
+            chunk.items.append(ev)
+            chars += len(ev.xml)
+            chunk.counts.documents_read += 1
+        else:
+            if isinstance(ev, Skip):  # a document read and dropped
+                chunk.counts.documents_read += 1
+            chunk.counts.count(ev)
+        if len(chunk.items) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
             yield chunk
-            index += 1
+            chunk, chars = Chunk(), 0
+    if chunk.items or not chunk.counts.empty():
+        yield chunk

@@ -8,13 +8,17 @@ from typing import Iterator
 from .events import Fix
 
 PIECE_CHARS = 1 << 20  # long documents are cut into ~1 MB pieces, at whitespace
+# UTF-32's before UTF-16's: they begin with the same bytes.
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 class CountingDecoder:
     """UTF-8 (or the BOM's encoding) decoded incrementally; invalid bytes become U+FFFD and are
     counted, NUL characters are dropped and counted."""
 
-    def __init__(self):
+    def __init__(self, bom: bool = True):
+        self.bom = bom  # False: the bytes begin mid-file (a unit's range), so no BOM is looked for
         self.decoder = None
         self.invalid = 0
         self.nul = 0
@@ -26,10 +30,8 @@ class CountingDecoder:
     def decode(self, data: bytes, final: bool = False) -> str:
         if self.decoder is None:
             encoding = "utf-8"
-            for bom, enc in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                             (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
-                             (codecs.BOM_UTF16_BE, "utf-16")):
-                if data.startswith(bom):
+            for bom, enc in BOMS:
+                if self.bom and data.startswith(bom):
                     encoding = enc
                     break
             handler = f"count-{id(self)}"

@@ -11,7 +11,6 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import UserError
 from tokenizers import Tokenizer
@@ -159,15 +158,3 @@ def load_saved(directory: Path) -> TokenizerFiles:
     config = json.loads((directory / "tokenizer_config.json").read_text())
     return _from_tokenizer_json(directory / "tokenizer.json", config)
 
-
-def train_tokenizer(texts: Iterator[str], vocab_size: int, cased: bool) -> TokenizerFiles:
-    wp = BertWordPieceTokenizer(lowercase=not cased, strip_accents=None if not cased else False)
-    specials = list(BERT_SPECIAL_TOKENS.values())
-    wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                           special_tokens=specials, limit_alphabet=1000, wordpieces_prefix="##")
-    # The trainer numbers its tokens in a hash-map order that changes from run to run; WordPiece
-    # does not use the ids' order, so sort them. Where merge counts tie at the end of training
-    # the trainer also breaks the tie in that order, so a vocabulary trained in another process
-    # can differ by a few tokens: for builds that must match elsewhere, pass --tokenizer.
-    learned = sorted(t for t in wp.get_vocab() if t not in specials)
-    return wordpiece({t: i for i, t in enumerate(specials + learned)}, cased)

@@ -1,5 +1,5 @@
-"""MediaWiki XML dumps: the main process cuts a dump into raw <page> blocks (Page events); a
-worker parses each block with wiki_page into Doc, Skip and Fix events. Markup cleaning itself is
+"""MediaWiki XML dumps: a unit's reader cuts its part of a dump into raw <page> blocks (Page
+events); the worker then parses each block with wiki_page into Doc, Skip and Fix events. Markup cleaning itself is
 wikitext.WikiCleaner's job."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import io
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from pipeline.errors import UserError
 
@@ -44,40 +44,61 @@ def _utf8_lines(f) -> Iterator[bytes]:
         yield from f
 
 
-def wiki_dump(path: Path) -> Iterator[Page | Skip]:
-    """Split the dump into <page> blocks line by line; each block is parsed on its own (in a
-    worker, by wiki_page), so a malformed page is skipped instead of ending the whole dump."""
+def wiki_dump(f, path: Path) -> Iterator[Page | Skip]:
+    """A whole dump file (f: its bytes, opened by the caller) as Page and Skip events."""
     try:
-        f = _open_dump(path)
-        non_prose: tuple[str, ...] = ()
-        siteinfo: list[bytes] | None = None
-        page: list[bytes] | None = None
-        with f:
-            for line in _utf8_lines(f):
-                stripped = line.strip()
-                if page is not None:
-                    page.append(line)
-                    if stripped == b"</page>":
-                        yield Page(path.name, b"".join(page), non_prose)
-                        page = None
-                    elif stripped == b"<page>":  # the previous page never closed
-                        yield Skip("malformed_page")
-                        page = [line]
-                elif stripped == b"<page>":
-                    page = [line]
-                elif stripped.startswith(b"<siteinfo"):
-                    siteinfo = [line]
-                elif siteinfo is not None:
-                    siteinfo.append(line)
-                    if stripped == b"</siteinfo>":
-                        non_prose = _non_prose(_namespaces(b"".join(siteinfo)))
-                        siteinfo = None
-            if page is not None:
-                yield Skip("malformed_page")  # the file ends inside a page
+        with (bz2.open(f, "rb") if path.name.endswith(".bz2") else f) as raw:
+            yield from wiki_pages(_utf8_lines(raw), path, ())
     except EOFError as e:
         raise UserError(f"{path}: truncated compressed file ({e})") from e
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e})") from e
+
+
+def wiki_pages(lines: Iterable[bytes], path: Path, non_prose: tuple[str, ...]) -> Iterator[Page | Skip]:
+    """Split a dump's lines into <page> blocks; each block is parsed on its own (in a worker, by
+    wiki_page), so a malformed page is skipped instead of ending the whole dump. non_prose: the
+    namespace names of the dump's header when the lines begin after it (a unit of a dump)."""
+    siteinfo: list[bytes] | None = None
+    page: list[bytes] | None = None
+    for line in lines:
+        stripped = line.strip()
+        if page is not None:
+            page.append(line)
+            if stripped == b"</page>":
+                yield Page(path.name, b"".join(page), non_prose)
+                page = None
+            elif stripped == b"<page>":  # the previous page never closed
+                yield Skip("malformed_page")
+                page = [line]
+        elif stripped == b"<page>":
+            page = [line]
+        elif stripped.startswith(b"<siteinfo"):
+            siteinfo = [line]
+        elif siteinfo is not None:
+            siteinfo.append(line)
+            if stripped == b"</siteinfo>":
+                non_prose = _non_prose(_namespaces(b"".join(siteinfo)))
+                siteinfo = None
+    if page is not None:
+        yield Skip("malformed_page")  # the input ends inside a page
+
+
+def dump_header(path: Path) -> tuple[str, ...]:
+    """The dump's File and Category namespace names, from its <siteinfo> (read up to the first
+    page: the units after the first need them)."""
+    try:
+        with _open_dump(path) as f:
+            head = []
+            for line in _utf8_lines(f):
+                head.append(line)
+                if line.strip() in (b"</siteinfo>", b"<page>"):
+                    break
+    except (EOFError, OSError) as e:
+        raise UserError(f"{path}: not a readable dump ({e})") from e
+    text = b"".join(head)
+    i, j = text.find(b"<siteinfo"), text.find(b"</siteinfo>")
+    return _non_prose(_namespaces(text[i:j + len(b"</siteinfo>")])) if 0 <= i < j else ()
 
 
 def _namespaces(xml: bytes) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""The worker processes: wiki page parsing, markup cleaning and tokenization of chunks, run in
-chunk order with a bounded number of chunks in flight."""
+"""The worker processes: each takes a unit (units.py) and reads, decompresses, splits, parses,
+cleans and tokenizes it; results come back in unit order with a bounded number of units in
+flight. The main process only orders results and packs."""
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +14,13 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
-from .chunks import Chunk, ChunkResult, Piece, iter_chunks
+from .chunks import Chunk, Piece, UnitResult, iter_chunks
 from .events import Doc, Page, SourceCounts
-from .sources import SourceSpec
-from .tokenizer import TokenizerFiles, train_tokenizer
+from .sources import SourceSpec, read_unit
+from .units import Meter, Unit
+from .vocab import add_counts, count_words
 from .wikidump import wiki_page
 from .wikitext import WikiCleaner
 
@@ -27,12 +30,17 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every worker process starts with; the same for every chunk of a stage."""
+    specs: tuple[SourceSpec, ...]
+    """The --source specs (a unit names its source by index)."""
     seed: int
     """--seed: with val_fraction, decides each document's split."""
     val_fraction: float
     """--val-fraction."""
     tokenizer_json: str | None = None
-    """The saved tokenizer.json to encode with; None: the workers only clean (vocabulary training)."""
+    """The saved tokenizer.json to encode with; None: the workers only clean and count words (for
+    training a vocabulary)."""
+    cased: bool = False
+    """--cased (how words are counted for a vocabulary)."""
     dtype: str = "<u4"
     """numpy dtype of the token ids they return (pack.token_dtype of the vocabulary)."""
 
@@ -57,6 +65,11 @@ class _Worker:
 
     def is_validation(self, key: str) -> bool:
         return is_validation(key, self.settings.seed, self.settings.val_fraction)
+
+    def chunks(self, unit: Unit, meter: Meter) -> Iterator[tuple[list[Doc], SourceCounts]]:
+        """The unit read, in chunks of cleaned document pieces with their counts."""
+        for chunk in iter_chunks(read_unit(unit, self.settings.specs[unit.source], meter)):
+            yield self.documents(chunk)
 
     def documents(self, chunk: Chunk) -> tuple[list[Doc], SourceCounts]:
         """A chunk's document pieces, their text cleaned; pages are parsed here, and what that
@@ -85,29 +98,35 @@ def _init_worker(settings: WorkerSettings) -> None:
     _worker = _Worker(settings)
 
 
-def process_chunk(chunk: Chunk) -> ChunkResult:
-    """Worker: clean and tokenize one chunk."""
-    docs, counts = _worker.documents(chunk)
-    encodings = _worker.tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
-    pieces = [Piece(_worker.is_validation(d.key), np.array(enc.ids, dtype=_worker.settings.dtype),
-                    d.first, d.last) for d, enc in zip(docs, encodings)]
-    return ChunkResult(chunk.index, chunk.source, pieces, counts)
+def process_unit(unit: Unit) -> UnitResult:
+    """Worker: read, clean and tokenize one unit."""
+    meter, pieces, counts = Meter(), [], SourceCounts()
+    for docs, chunk_counts in _worker.chunks(unit, meter):
+        counts.add(chunk_counts)
+        encodings = _worker.tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
+        pieces += [Piece(_worker.is_validation(d.key), np.array(enc.ids, dtype=_worker.settings.dtype),
+                         d.first, d.last) for d, enc in zip(docs, encodings)]
+    return UnitResult(unit.index, unit.source, pieces, counts, meter.bytes)
 
 
-def clean_chunk(chunk: Chunk) -> list[str]:
-    """Worker: the cleaned train-split texts of one chunk (for training a vocabulary)."""
-    docs, _ = _worker.documents(chunk)
-    return [d.text for d in docs if not _worker.is_validation(d.key)]
+def count_unit(unit: Unit) -> tuple[int, dict[str, int], int]:
+    """Worker: the word counts of one unit's train-split documents (for training a vocabulary),
+    and the bytes it read."""
+    meter, counts = Meter(), {}
+    for docs, _ in _worker.chunks(unit, meter):
+        add_counts(counts, count_words([d.text for d in docs if not _worker.is_validation(d.key)],
+                                       _worker.settings.cased))
+    return unit.index, counts, meter.bytes
 
 
-def run_ordered(fn: Callable[[Chunk], T], chunks: Iterable[Chunk], workers: int,
+def run_ordered(fn: Callable[[Unit], T], units: Iterable[Unit], workers: int,
                 settings: WorkerSettings) -> Iterator[T]:
-    """fn over chunks, results in chunk order, at most a few chunks in flight (bounded memory).
+    """fn over units, results in unit order, at most a few units in flight (bounded memory).
     One worker runs in this process."""
     if workers == 1:
         _init_worker(settings)
-        for c in chunks:
-            yield fn(c)
+        for u in units:
+            yield fn(u)
         return
     # fork: workers inherit the imported modules (no start-up cost) and callers need no
     # `if __name__ == "__main__"` guard; the workers touch no thread-owned state of the parent.
@@ -115,18 +134,39 @@ def run_ordered(fn: Callable[[Chunk], T], chunks: Iterable[Chunk], workers: int,
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(settings,)) as pool:
         window: deque = deque()
-        for c in chunks:
-            window.append(pool.submit(fn, c))
+        for u in units:
+            window.append(pool.submit(fn, u))
             if len(window) >= 2 * workers + 2:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
 
 
-def train_vocabulary(specs: list[SourceSpec], vocab_size: int, cased: bool, workers: int,
-                     settings: WorkerSettings) -> TokenizerFiles:
-    """A WordPiece vocabulary trained on the train split's documents, cleaned by the workers."""
-    print(f"training a WordPiece vocabulary of {vocab_size} on the train split", file=sys.stderr)
-    texts = (t for batch in run_ordered(clean_chunk, iter_chunks(specs), workers, settings)
-             for t in batch)
-    return train_tokenizer(texts, vocab_size, cased)
+
+
+def vocabulary_counts(units: list[Unit], workers: int, settings: WorkerSettings,
+                      saved: Callable[[int], dict[str, int] | None] = lambda i: None,
+                      save: Callable[[int, dict[str, int]], None] | None = None) -> dict[str, int]:
+    """The train split's word counts over units, counted by the workers in parallel (a unit whose
+    counts `saved` returns is not read again; `save` keeps each counted unit's)."""
+    print(f"counting words in {len(units)} unit(s) for a WordPiece vocabulary", file=sys.stderr)
+    total: dict[str, int] = {}
+    todo = []
+    for u in units:
+        counts = saved(u.index)
+        if counts is None:
+            todo.append(u)
+        else:
+            add_counts(total, counts)
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="count words", unit=" units",
+               file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    read = 0
+    for index, counts, nbytes in run_ordered(count_unit, todo, workers, settings):
+        if save is not None:
+            save(index, counts)
+        add_counts(total, counts)
+        read += nbytes
+        bar.update()
+        bar.set_postfix_str(f"{read / 1e6 / max(bar.format_dict['elapsed'], 1e-9):,.1f} MB/s", refresh=False)
+    bar.close()
+    return total

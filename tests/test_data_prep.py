@@ -461,15 +461,15 @@ def test_bad_array_task_flag(tmp_path):
         assert r.returncode == 2 and f"--task {bad_task}" in r.stderr and not (tmp_path / "o").exists()
 
 
-def test_array_chunk_files_are_checked_and_computed_again(tmp_path, bert_vocab, capsys):
-    """The array tasks' chunk results are npz files (loaded without unpickling) with a checksum:
+def test_array_unit_files_are_checked_and_computed_again(tmp_path, bert_vocab, capsys):
+    """The array tasks' unit results are npz files (loaded without unpickling) with a checksum:
     a truncated, corrupted or foreign one is computed again with a message naming it, by its
     task when it runs again, else by the merge; the output stays the one-machine build's."""
     import gensim
     lines = [x for x in (Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor")
              .read_text().splitlines() if x.strip()]
     sources = []
-    for i in range(3):  # one chunk per source
+    for i in range(3):  # one unit per source
         path = tmp_path / f"lee{i}.jsonl"
         path.write_text("".join(json.dumps({"text": x}) + "\n" for x in lines[i * 100:(i + 1) * 100]))
         sources.append(f"jsonl:{path}")
@@ -477,23 +477,23 @@ def test_array_chunk_files_are_checked_and_computed_again(tmp_path, bert_vocab, 
     out = tmp_path / "array"
     for task in ("0/2", "1/2"):
         build(BuildArgs(out=out, task=task, **common))
-    chunks = out / ".array" / "chunks"
-    assert sorted(p.name for p in chunks.iterdir()) == ["00000000.npz", "00000001.npz", "00000002.npz"]
-    with np.load(chunks / "00000001.npz", allow_pickle=False) as z:
+    units = out / ".array" / "units"
+    assert sorted(p.name for p in units.iterdir()) == ["00000000.npz", "00000001.npz", "00000002.npz"]
+    with np.load(units / "00000001.npz", allow_pickle=False) as z:
         assert sorted(z.files) == ["flags", "ids", "lengths", "meta", "sha256"]
-    data = (chunks / "00000001.npz").read_bytes()
-    (chunks / "00000000.npz").write_bytes((chunks / "00000000.npz").read_bytes()[:300])  # truncated
+    data = (units / "00000001.npz").read_bytes()
+    (units / "00000000.npz").write_bytes((units / "00000000.npz").read_bytes()[:300])  # truncated
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0xFF  # inside the token ids: the checksum catches it
-    (chunks / "00000001.npz").write_bytes(bytes(flipped))
-    (chunks / "00000002.npz").write_bytes(b"\x80\x04\x95 not a chunk: a pickle's first bytes")
+    (units / "00000001.npz").write_bytes(bytes(flipped))
+    (units / "00000002.npz").write_bytes(b"\x80\x04\x95 not a unit file: a pickle's first bytes")
     capsys.readouterr()
-    build(BuildArgs(out=out, task="1/2", **common))  # task 1 owns chunk 1
+    build(BuildArgs(out=out, task="1/2", **common))  # task 1 owns unit 1
     err = capsys.readouterr().err
-    assert "00000001.npz" in err and "computing chunk 1 again" in err, err
-    build(BuildArgs(out=out, **common))  # the merge: chunks 0 and 2 computed there
+    assert "00000001.npz" in err and "computing unit 1 again" in err, err
+    build(BuildArgs(out=out, **common))  # the merge: units 0 and 2 computed there
     err = capsys.readouterr().err
-    assert "00000000.npz: not a readable chunk file" in err and "00000002.npz" in err and "2 computed here" in err, err
+    assert "00000000.npz: not a readable unit file" in err and "00000002.npz" in err and "2 computed here" in err, err
     assert "Traceback" not in err
     single = tmp_path / "single"
     build(BuildArgs(out=single, **common))

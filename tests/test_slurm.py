@@ -112,11 +112,14 @@ def test_bad_argument_fails_fast(slurm, tmp_path, small_data):
 
 
 def test_prep_data_array_equals_one_machine_build(slurm, tmp_path, wiki_dump):
+    """A trained vocabulary: the array counts words in a first pass, the second pass (submitted
+    by the first task) trains the same vocabulary in every task and tokenizes, then the merge."""
     from data_prep.build import BuildArgs, build
-    # A given vocabulary (bert-base-uncased, the default): a WordPiece vocabulary trained in two
-    # processes can differ where token counts tie (see data_prep/tokenizer.py).
-    build_flags = ["--source", f"wikipedia:{wiki_dump}", "--seq-len", "64", "--val-fraction", "0.05",
-                   "--shard-size", "5000"]
+    from data_prep.multistream import write_multistream
+    dump = tmp_path / "dump"
+    write_multistream(wiki_dump, dump, pages_per_stream=5)  # about 9 units of 0.2 MB
+    build_flags = ["--source", f"wikipedia:{dump}", "--seq-len", "64", "--val-fraction", "0.05",
+                   "--shard-size", "5000", "--vocab-size", "1000", "--unit-mb", "0.2"]
     env = dict(slurm.env, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     array = slurm.cmd(["sbatch", "--parsable", "--array=0-2", "--cpus-per-task=1",
                        str(ROOT / "slurm" / "prep_data.sh"), *build_flags, "--out", str(tmp_path / "array")],
@@ -126,17 +129,19 @@ def test_prep_data_array_equals_one_machine_build(slurm, tmp_path, wiki_dump):
         assert time.time() < deadline, slurm.diagnostics()
         time.sleep(1)
     outputs = {p.name: p.read_text() for p in tmp_path.glob("prep_data*.out")}
-    assert len(outputs) == 4, outputs  # three tasks and the merge, each its own log
+    assert len(outputs) == 7, outputs  # three tasks twice and the merge, each its own log
+    assert sum("pass2" in k for k in outputs) == 3
     merge_log = next(v for k, v in outputs.items() if "merge" in k)
     assert "packing the array tasks' results" in merge_log, merge_log[-2000:]
+    assert "the second pass, array job" in "".join(outputs.values())
     assert f"runs after array job {array}" in "".join(outputs.values())
-    build(BuildArgs(out=tmp_path / "single", sources=[f"wikipedia:{wiki_dump}"], seq_len=64,
-                    val_fraction=0.05, shard_size=5000, workers=2))
+    build(BuildArgs(out=tmp_path / "single", sources=[f"wikipedia:{dump}"], seq_len=64,
+                    val_fraction=0.05, shard_size=5000, vocab_size=1000, unit_mb=0.2, workers=2))
     assert tree_bytes(tmp_path / "array") == tree_bytes(tmp_path / "single")
 
 
 def test_prep_data_refuses_a_stepped_array(slurm, tmp_path, wiki_dump):
-    """--array=0-4:2 would leave the chunks of tasks 1 and 3 to no task: every task exits 2 with a
+    """--array=0-4:2 would leave the units of tasks 1 and 3 to no task: every task exits 2 with a
     message before writing anything, and no merge is submitted."""
     env = dict(slurm.env, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     slurm.cmd(["sbatch", "--parsable", "--array=0-4:2", "--cpus-per-task=1", str(ROOT / "slurm" / "prep_data.sh"),
