@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--val-fraction", type=float, default=0.005,
-                   help="fraction of documents in the validation split")
+                   help="fraction of the tokens in the validation split, met by whole documents")
     b.add_argument("--shard-size", type=int, default=1 << 17, help="sequences per shard")
     b.add_argument("--unit-mb", type=float, default=16.0,
                    help="MB of input (as stored: compressed for .bz2) a worker reads at a time; "

@@ -42,9 +42,9 @@ class BuildArgs:
     workers: int = os.cpu_count() or 1
     """Worker processes; the output does not depend on it."""
     seed: int = 0
-    """Decides the split of each document and the shuffle of each split."""
+    """Decides which documents make the validation split, and the shuffle of each split."""
     val_fraction: float = 0.005
-    """Fraction of documents in the validation split."""
+    """Fraction of the tokens in the validation split, met by whole documents (split.py)."""
     shard_size: int = 1 << 17
     """Sequences per shard."""
     unit_mb: float = 16.0
@@ -109,6 +109,6 @@ class BuildArgs:
         saved in tokenizer_dir into token ids of dtype. Call after check()."""
         specs = tuple(parse_spec(s) for s in self.sources)
         if tokenizer_dir is None:
-            return WorkerSettings(specs, self.seed, self.val_fraction, cased=self.cased)
-        return WorkerSettings(specs, self.seed, self.val_fraction, str(tokenizer_dir / "tokenizer.json"),
-                              self.cased, np.dtype(dtype).str)
+            return WorkerSettings(specs, self.seed, cased=self.cased)
+        return WorkerSettings(specs, self.seed, str(tokenizer_dir / "tokenizer.json"), self.cased,
+                              np.dtype(dtype).str)

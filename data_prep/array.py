@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, writing
 
 from .args import BuildArgs
 from .chunks import Piece, UnitResult
@@ -42,43 +42,53 @@ from .workers import process_unit, run_ordered, vocabulary_counts
 ARRAY_DIR = ".array"
 # The unfinished build's own files (OUT/.work/state.json, OUT/.array/): 2 since reader counts and
 # chunk results became dataclasses, 3 since chunk results are npz + JSON instead of pickles, 4 since
-# the work is counted in units. Work of another format is redone, never misread.
-WORK_FORMAT = 4
+# the work is counted in units, 5 since pieces carry their document's hash instead of its split.
+# Work of another format is redone, never misread.
+WORK_FORMAT = 5
 
 
 class BadUnitFile(Exception):
     """A unit's file that cannot be used (the message names it and says why)."""
 
 
-def _unit_path(arr: Path, index: int) -> Path:
-    return arr / "units" / f"{index:08d}.npz"
+def units_dir(out: Path) -> Path:
+    return out / ARRAY_DIR / "units"
+
+
+def unit_path(directory: Path, index: int) -> Path:
+    """Unit `index`'s result file in `directory` (the array's, or a one-machine build's own)."""
+    return directory / f"{index:08d}.npz"
 
 
 def _counts_path(arr: Path, index: int) -> Path:
     return arr / "counts" / f"{index:08d}.json"
 
 
-def _digest(ids: np.ndarray, lengths: np.ndarray, flags: np.ndarray, meta: np.ndarray) -> np.ndarray:
+def _digest(ids: np.ndarray, lengths: np.ndarray, flags: np.ndarray, docs: np.ndarray,
+            meta: np.ndarray) -> np.ndarray:
     h = hashlib.sha256(ids.dtype.str.encode())
-    for a in (ids, lengths, flags, meta):
+    for a in (ids, lengths, flags, docs, meta):
         h.update(np.ascontiguousarray(a).tobytes())
     return np.frombuffer(h.digest(), dtype=np.uint8)
 
 
 def write_result(path: Path, result: UnitResult) -> None:
     """The result as arrays: every piece's token ids end to end, their lengths, their flags
-    (validation, first, last as bits 0-2), the index, source and counts as JSON, and a SHA-256
-    of it all; written aside and renamed."""
+    (first, last as bits 0-1), their documents' hashes, the index, source and counts as JSON, and
+    a SHA-256 of it all; written aside and renamed."""
     pieces = result.pieces
     ids = np.concatenate([x.ids for x in pieces]) if pieces else np.zeros(0, dtype=np.uint16)
     lengths = np.array([len(x.ids) for x in pieces], dtype=np.int64)
-    flags = np.array([x.validation | x.first << 1 | x.last << 2 for x in pieces], dtype=np.uint8)
+    flags = np.array([x.first | x.last << 1 for x in pieces], dtype=np.uint8)
+    docs = np.array([x.doc for x in pieces], dtype=np.uint64)
     meta = np.frombuffer(json.dumps({"index": result.index, "source": result.source, "bytes_read": result.bytes_read,
                                      "counts": result.counts.to_json()}).encode(), dtype=np.uint8)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, ids=ids, lengths=lengths, flags=flags, meta=meta, sha256=_digest(ids, lengths, flags, meta))
-    os.replace(tmp, path)
+    with writing(path, partial=[tmp]):
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, lengths=lengths, flags=flags, docs=docs, meta=meta,
+                     sha256=_digest(ids, lengths, flags, docs, meta))
+        os.replace(tmp, path)
 
 
 def read_result(path: Path, index: int) -> UnitResult:
@@ -86,14 +96,15 @@ def read_result(path: Path, index: int) -> UnitResult:
     naming the file when it is missing, truncated, corrupt or of another chunk."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            ids, lengths, flags, meta, digest = (z[k] for k in ("ids", "lengths", "flags", "meta", "sha256"))
+            ids, lengths, flags, docs, meta, digest = (z[k] for k in ("ids", "lengths", "flags", "docs", "meta",
+                                                                      "sha256"))
     except Exception as e:  # missing, truncated (zip errors), a foreign file, an object array
         raise BadUnitFile(f"{path}: not a readable unit file ({type(e).__name__}: {e})") from None
-    kinds = (ids.dtype.kind in "iu", lengths.dtype == np.int64, flags.dtype == np.uint8, meta.dtype == np.uint8,
-             digest.dtype == np.uint8)
-    if not all(kinds) or any(a.ndim != 1 for a in (ids, lengths, flags, meta, digest)):
+    kinds = (ids.dtype.kind in "iu", lengths.dtype == np.int64, flags.dtype == np.uint8, docs.dtype == np.uint64,
+             meta.dtype == np.uint8, digest.dtype == np.uint8)
+    if not all(kinds) or any(a.ndim != 1 for a in (ids, lengths, flags, docs, meta, digest)):
         raise BadUnitFile(f"{path}: not a unit file (arrays of unexpected types or shapes)")
-    if not np.array_equal(digest, _digest(ids, lengths, flags, meta)):
+    if not np.array_equal(digest, _digest(ids, lengths, flags, docs, meta)):
         raise BadUnitFile(f"{path}: checksum mismatch (the file is corrupt)")
     try:
         info = json.loads(meta.tobytes())
@@ -102,11 +113,24 @@ def read_result(path: Path, index: int) -> UnitResult:
             raise ValueError(f"it holds unit {info['index']}")
     except (ValueError, KeyError, TypeError) as e:
         raise BadUnitFile(f"{path}: not unit {index}'s result ({e})") from None
-    if len(flags) != len(lengths) or (lengths < 0).any() or int(lengths.sum()) != len(ids):
+    if not len(flags) == len(docs) == len(lengths) or (lengths < 0).any() or int(lengths.sum()) != len(ids):
         raise BadUnitFile(f"{path}: piece lengths do not add up to its tokens")
     ends = np.cumsum(lengths)
-    pieces = [Piece(bool(f & 1), ids[e - n:e], bool(f & 2), bool(f & 4)) for f, n, e in zip(flags, lengths, ends)]
+    pieces = [Piece(int(d), ids[e - n:e], bool(f & 1), bool(f & 2)) for d, f, n, e in zip(docs, flags, lengths, ends)]
     return UnitResult(index, source, pieces, counts, nbytes)
+
+
+def read_docs(path: Path, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit `index`'s pieces' document hashes and token counts, read alone (the split stage needs
+    no more; the pack stage then reads the whole file and checks its checksum)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            docs, lengths = z["docs"], z["lengths"]
+    except Exception as e:  # missing, truncated, foreign
+        raise BadUnitFile(f"{path}: not a readable unit file ({type(e).__name__}: {e})") from None
+    if docs.dtype != np.uint64 or lengths.dtype != np.int64 or docs.ndim != 1 or docs.shape != lengths.shape:
+        raise BadUnitFile(f"{path}: not a unit file (arrays of unexpected types or shapes)")
+    return docs, lengths
 
 
 def usable(path: Path, index: int) -> bool:
@@ -194,10 +218,10 @@ def run_task(args: BuildArgs, specs: list[SourceSpec], index: int, count: int) -
         os.rename(tmp, arr / "tokenizer")  # the first task's copy stays; all are identical
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    todo = [u for u in mine if not usable(_unit_path(arr, u.index), u.index)]
+    todo = [u for u in mine if not usable(unit_path(arr / "units", u.index), u.index)]
     settings = args.worker_settings(arr / "tokenizer", token_dtype(len(tok)))
     for result in run_ordered(process_unit, todo, args.workers, settings):
-        write_result(_unit_path(arr, result.index), result)
+        write_result(unit_path(arr / "units", result.index), result)
         read += result.bytes_read
     # What this run read (an earlier, killed try's units are not read again).
     atomic_write_json(arr / f"task-{index}.json", {"units": len(units), "bytes_read": read,
@@ -234,21 +258,13 @@ def saved_counts(out: Path, recorded_args: dict, index: int) -> dict[str, int] |
     return read_counts(_counts_path(arr, index), index)
 
 
-def units_to_redo(out: Path, recorded_args: dict, done: int, total: int) -> set[int] | None:
-    """For the merge, when every task finished with these arguments: the units from `done` on
-    whose files are missing or bad (named in a message; the merge computes those itself); else
-    None. `saved_result` then reads the others in unit order."""
-    if not ready(out, recorded_args):
-        return None
-    arr = out / ARRAY_DIR
-    redo = {i for i in range(done, total) if not usable(_unit_path(arr, i), i)}
-    print(f"{out}: packing the array tasks' results ({total} units"
+def units_to_redo(out: Path, total: int) -> set[int]:
+    """For the merge: the units whose files the tasks left missing or bad (named in a message;
+    the merge computes those itself)."""
+    redo = {i for i in range(total) if not usable(unit_path(units_dir(out), i), i)}
+    print(f"{out}: merging the array tasks' results ({total} units"
           + (f"; {len(redo)} computed here" if redo else "") + ")", file=sys.stderr)
     return redo
-
-
-def saved_result(out: Path, index: int) -> UnitResult:
-    return read_result(_unit_path(out / ARRAY_DIR, index), index)
 
 
 def remove(out: Path) -> None:

@@ -2,19 +2,22 @@
 
 Everything in progress lives in OUT/.work; the finished output is moved into OUT and the manifest
 is written last. The stages, each resumable after a kill:
-  1. tokenizer  (given, or trained on the train documents), saved to .work/tokenizer
-  2. pack       the input is cut into units (units.py: files, bz2 streams, byte ranges, dataset
+  1. tokenizer  (given, or trained on word counts of every unit), saved to .work/tokenizer
+  2. units      the input is cut into units (units.py: files, bz2 streams, byte ranges, dataset
                 shards) from the input alone; worker processes read, clean and tokenize units
-                (workers.py); the main process packs their results in unit order into two
-                append-only files per split (pack.py), and checkpoints (state.json) every few
-                seconds. Units and packing do not depend on the number of workers, so the bytes
-                are the same for any --workers.
-  3. shard      a seeded global permutation of each split, written shard by shard.
-  4. finalize   .work/final/* moved into OUT, manifest.json written, .work removed.
-Stages 1-4 hold OUT/.lock (lock.py): one build or array merge writes an OUT at a time.
+                (workers.py), and each unit's result is saved in .work/units/ (a file written
+                aside and renamed: a kill loses at most the units in flight).
+  3. split      the validation documents chosen from every document's hash and token count
+                (split.py), saved to .work/validation.npy.
+  4. pack       the units' results, in unit order, packed into two append-only files per split
+                (pack.py), checkpointed (state.json) every few seconds.
+  5. shard      a seeded global permutation of each split, written shard by shard.
+  6. finalize   .work/final/* moved into OUT, manifest.json written, .work removed.
+Units and packing do not depend on the number of workers, so the bytes are the same for any
+--workers. Stages 1-6 hold OUT/.lock (lock.py): one build or array merge writes an OUT at a time.
 
-As a Slurm array, stage 1's word counting and stage 2's reading, cleaning and tokenizing run in
-the array tasks instead, each reading only its units (array.py).
+As a Slurm array, stage 1's word counting and stage 2 run in the array tasks instead, each
+reading only its units (array.py); the merge finds their results in OUT/.array/units/.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -40,15 +42,16 @@ from .lock import NAME as LOCK
 from .lock import out_lock
 from .pack import BOUNDARY_FORMAT, SplitPacker, token_dtype
 from .sources import SourceSpec, plan_units
+from .split import choose_validation
 from .tokenizer import TokenizerFiles, check_tokenizer, load_saved, load_tokenizer
 from .vocab import train_wordpiece
-# is_validation is part of this module's API (tests import it from here with build and BuildArgs).
-from .workers import is_validation, process_unit, run_ordered, vocabulary_counts
+from .workers import process_unit, run_ordered, vocabulary_counts
 
-__all__ = ["BuildArgs", "build", "is_validation"]
+__all__ = ["BuildArgs", "build"]
 
-# 2: a JSONL line without an "id" is keyed by its byte offset (was its line number), an hf: row
-# without one by its shard and row in it, so their validation split changed. Readers take 1 and 2.
+# 2: --val-fraction is a fraction of tokens met by whole documents (split.py; it was each
+# document's chance), a JSONL line without an "id" is keyed by its byte offset (was its line
+# number), an hf: row without one by its shard and row in it. Readers take 1 and 2.
 FORMAT_VERSION = 2
 SPLITS = ("train", "validation")
 # How often the pack stage saves its state (seconds); tests shorten it to kill builds mid-way.
@@ -91,6 +94,10 @@ class Build:
             self.ids = tok.special_ids()
             self.special_strings = tok.special
             self.dtype = token_dtype(self.vocab_size)
+            if self.state["stage"] == "units":
+                self._tokenize()
+            if self.state["stage"] == "split":
+                self._split()
             if self.state["stage"] == "pack":
                 self._pack()
             if self.state["stage"] == "shard":
@@ -163,39 +170,87 @@ class Build:
                                        saved=lambda i: array.saved_counts(self.out, self.args.recorded(), i))
             tok = train_wordpiece(counts, self.args.vocab_size, self.args.cased)
         tok.save(path)
-        self._save(stage="pack")
+        self._save(stage="units")
         return tok
 
     # -- stage 2
-    def _unit_results(self, done: int) -> Iterator[UnitResult]:
-        """Stage 2's results in unit order from unit `done` on: the array tasks' files when every
-        task has finished (a missing or bad file's unit computed here), else computed here."""
-        redo = array.units_to_redo(self.out, self.args.recorded(), done, len(self.units))
-        todo = [u for u in self.units[done:] if redo is None or u.index in redo]
-        computed = run_ordered(process_unit, todo, self.args.workers,
-                               self.args.worker_settings(self.work / "tokenizer", self.dtype))
-        try:
-            for u in self.units[done:]:
-                yield next(computed) if redo is None or u.index in redo else array.saved_result(self.out, u.index)
-        finally:
-            computed.close()  # its workers
+    @property
+    def units_dir(self) -> Path:
+        """Where the units' results are: the array tasks' when they all finished, else our own."""
+        return array.units_dir(self.out) if array.ready(self.out, self.args.recorded()) else self.work / "units"
 
+    def _settings(self):
+        return self.args.worker_settings(self.work / "tokenizer", self.dtype)
+
+    def _tokenize(self) -> None:
+        """Every unit's result saved: those missing (or, of the array's, bad) computed here."""
+        directory = self.units_dir
+        if directory == self.work / "units":
+            directory.mkdir(exist_ok=True)
+            todo = [u for u in self.units if not array.unit_path(directory, u.index).exists()]
+        else:
+            redo = array.units_to_redo(self.out, len(self.units))
+            todo = [u for u in self.units if u.index in redo]
+        bar = tqdm(desc="read, tokenize", total=len(self.units), initial=len(self.units) - len(todo),
+                   unit=" units", smoothing=0.05, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        read = tokens = 0
+        for result in run_ordered(process_unit, todo, self.args.workers, self._settings()):
+            array.write_result(array.unit_path(directory, result.index), result)
+            read += result.bytes_read
+            tokens += sum(len(p.ids) for p in result.pieces)
+            bar.update()
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix_str(f"{read / 1e6 / elapsed:,.1f} MB/s read, {tokens / elapsed:,.0f} tokens/s",
+                                refresh=False)
+        bar.close()
+        self._save(stage="split")
+
+    def _result(self, unit) -> UnitResult:
+        """A unit's saved result; one found bad (the disk changed it since) is computed again."""
+        path = array.unit_path(self.units_dir, unit.index)
+        try:
+            return array.read_result(path, unit.index)
+        except array.BadUnitFile as e:
+            print(f"{e}: computing unit {unit.index} again", file=sys.stderr)
+            result = next(run_ordered(process_unit, [unit], 1, self._settings()))
+            array.write_result(path, result)
+            return result
+
+    # -- stage 3
+    def _split(self) -> None:
+        docs, tokens = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+        for unit in self.units:
+            try:
+                d, n = array.read_docs(array.unit_path(self.units_dir, unit.index), unit.index)
+            except array.BadUnitFile:
+                pieces = self._result(unit).pieces  # says what is wrong, and computes it again
+                d = np.array([p.doc for p in pieces], dtype=np.uint64)
+                n = np.array([len(p.ids) for p in pieces], dtype=np.int64)
+            docs.append(d)
+            tokens.append(n)
+        chosen, figures = choose_validation(np.concatenate(docs), np.concatenate(tokens),
+                                            self.args.val_fraction, ", ".join(s.spec for s in self.specs))
+        _write_npy(self.work / "validation.npy", chosen)
+        self._save(stage="pack", validation=figures)
+
+    # -- stage 4
     def _pack(self) -> None:
         packers = {name: SplitPacker(self.work, name, self.args.seq_len, self.ids, self.dtype,
                                      self.state["splits"].get(name)) for name in SPLITS}
         counts = [SourceCounts.from_json(s) for s in self.state["sources"]]
+        chosen = np.load(self.work / "validation.npy")
         done = self.state["units_done"]
-        bar = tqdm(desc="read, tokenize, pack", total=len(self.units), initial=done, unit=" units",
-                   smoothing=0.05, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-        tokens0 = sum(p.num_tokens for p in packers.values())
-        read = 0
+        bar = tqdm(desc="pack", total=len(self.units), initial=done, unit=" units", smoothing=0.05,
+                   file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         last_save = time.time()
-        for result in self._unit_results(done):
+        for unit in self.units[done:]:
+            result = self._result(unit)
             self._once_per_document(result)
             source = counts[result.source]
             source.add(result.counts)
-            for piece in result.pieces:
-                split = "validation" if piece.validation else "train"
+            held_out = np.isin(np.array([p.doc for p in result.pieces], dtype=np.uint64), chosen)
+            for piece, validation in zip(result.pieces, held_out):
+                split = "validation" if validation else "train"
                 kept = packers[split].add(piece.ids, piece.first, piece.last)
                 if kept is True:
                     source.keep(split)
@@ -203,13 +258,8 @@ class Build:
                     source.skip("empty")
             for p in packers.values():
                 p.flush()
-            done = result.index + 1
-            read += result.bytes_read
+            done = unit.index + 1
             bar.update()
-            elapsed = max(bar.format_dict["elapsed"], 1e-9)
-            tokens = sum(p.num_tokens for p in packers.values()) - tokens0
-            bar.set_postfix_str(f"{read / 1e6 / elapsed:,.1f} MB/s read, {tokens / elapsed:,.0f} tokens/s",
-                                refresh=False)
             if time.time() - last_save > CHECKPOINT_SECONDS:
                 self._checkpoint(packers, counts, done)
                 last_save = time.time()
@@ -240,7 +290,7 @@ class Build:
                    splits={name: p.state() for name, p in packers.items()},
                    sources=[c.to_json() for c in counts])
 
-    # -- stage 3
+    # -- stage 5
     def _shard(self) -> None:
         if self.state["splits"]["train"]["num_sequences"] == 0:
             raise UserError("no usable document in " + ", ".join(s.spec for s in self.specs) +
@@ -274,7 +324,7 @@ class Build:
             del tokens, bits
         self._save(stage="finalize")
 
-    # -- stage 4
+    # -- stage 6
     def _finalize(self) -> dict:
         final = self.work / "final"
         splits = {}
@@ -290,7 +340,7 @@ class Build:
             "tokenizer": "tokenizer", "special_tokens": self.ids,
             "special_token_strings": self.special_strings, "seed": self.args.seed,
             "args": self.args.recorded(), "boundaries_format": BOUNDARY_FORMAT,
-            "sources": sources, "splits": splits,
+            "sources": sources, "splits": splits, "validation_split": self.state["validation"],
         }
         for name in ("tokenizer", *SPLITS):
             src = self.work / name if name == "tokenizer" else final / name
@@ -324,6 +374,12 @@ class Build:
 
 
 def _save_npy(path: Path, data: np.ndarray) -> str:
+    """A shard (tokens or boundaries), written; returns its SHA-256."""
+    _write_npy(path, data)
+    return sha256_file(path)
+
+
+def _write_npy(path: Path, data: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path, partial=[tmp]):
         with open(tmp, "wb") as f:
@@ -331,4 +387,3 @@ def _save_npy(path: Path, data: np.ndarray) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    return sha256_file(path)

@@ -28,7 +28,8 @@ class Chunk:
 
 class Piece(NamedTuple):
     """One tokenized document piece, ready for SplitPacker.add."""
-    validation: bool
+    doc: int
+    """The document's hash (split.doc_hash): the pack stage's split decision."""
     ids: np.ndarray
     first: bool
     last: bool

@@ -18,7 +18,7 @@ from typing import NamedTuple, Union
 
 
 class Doc(NamedTuple):
-    key: str  # the document's stable name; it alone decides the split (workers.is_validation)
+    key: str  # the document's stable name; its hash places it in the split's walk (split.py)
     text: str
     first: bool  # the document's first piece
     last: bool  # the document's last piece

@@ -19,6 +19,11 @@ def inspect(out: Path, samples: int = 3) -> None:
     for s in m.get("sources", []):
         print(f"  source {s['spec']}: read {s['documents_read']}, kept {s['documents_kept']}, "
               f"skipped {s['skipped']}, repaired {s.get('repaired', {})}")
+    v = m.get("validation_split")  # format 2 on
+    if v:
+        print(f"  validation split: {v['documents']:,} of {v['total_documents']:,} documents, "
+              f"{v['tokens']:,} of {v['total_tokens']:,} tokens ({v['fraction']:.4%}; "
+              f"--val-fraction {v['fraction_asked']})")
     pad = m["special_tokens"]["pad"]
     for split, info in m["splits"].items():
         print(f"  {split}: {info['num_sequences']:,} sequences, {info['num_tokens']:,} tokens, "

@@ -97,12 +97,17 @@ def open_metered(path: Path | str, meter: Meter) -> io.BufferedReader:
         raise UserError(f"{path}: cannot read ({e})") from e
 
 
+# Wikimedia's names: NAME-multistream.xml.bz2 and its NAME-multistream-index.txt.bz2, or a part,
+# NAME-multistream3.xml-p151574p311329.bz2 and NAME-multistream-index3.txt-p151574p311329.bz2.
+MULTISTREAM_NAME = re.compile(r"(.*)-multistream(\d*)\.xml(-p\d+p\d+)?\.bz2")
+
+
 def index_path(dump: Path) -> Path | None:
-    """Wikimedia's index beside a multistream dump: NAME-multistream.xml.bz2 ->
-    NAME-multistream-index.txt.bz2."""
-    if not dump.name.endswith(".xml.bz2"):
+    """Wikimedia's index beside a multistream dump (or part), or None for another name."""
+    m = MULTISTREAM_NAME.fullmatch(dump.name)
+    if m is None:
         return None
-    return dump.with_name(dump.name[:-len(".xml.bz2")] + "-index.txt.bz2")
+    return dump.with_name(f"{m[1]}-multistream-index{m[2]}.txt{m[3] or ''}.bz2")
 
 
 def index_offsets(dump: Path, size: int) -> list[int] | None:

@@ -3,7 +3,6 @@ cleans and tokenizes it; results come back in unit order with a bounded number o
 flight. The main process only orders results and packs."""
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import sys
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from .chunks import Chunk, Piece, UnitResult, iter_chunks
 from .events import Doc, Page, SourceCounts
 from .sources import SourceSpec, read_unit
+from .split import doc_hash
 from .units import Meter, Unit
 from .vocab import add_counts, count_words
 from .wikidump import wiki_page
@@ -33,9 +33,7 @@ class WorkerSettings:
     specs: tuple[SourceSpec, ...]
     """The --source specs (a unit names its source by index)."""
     seed: int
-    """--seed: with val_fraction, decides each document's split."""
-    val_fraction: float
-    """--val-fraction."""
+    """--seed: seeds each document's hash, which decides its split (split.py)."""
     tokenizer_json: str | None = None
     """The saved tokenizer.json to encode with; None: the workers only clean and count words (for
     training a vocabulary)."""
@@ -43,12 +41,6 @@ class WorkerSettings:
     """--cased (how words are counted for a vocabulary)."""
     dtype: str = "<u4"
     """numpy dtype of the token ids they return (pack.token_dtype of the vocabulary)."""
-
-
-def is_validation(key: str, seed: int, val_fraction: float) -> bool:
-    """A document's split, from its key alone: the same wherever and in whatever order it is read."""
-    h = hashlib.blake2b(f"{seed}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(h, "big") < val_fraction * 2.0 ** 64
 
 
 class _Worker:
@@ -62,9 +54,6 @@ class _Worker:
                           if settings.tokenizer_json is not None else None)
         # One per namespace-name set (one per dump, in practice).
         self.cleaners: dict[tuple[str, ...], WikiCleaner] = {}
-
-    def is_validation(self, key: str) -> bool:
-        return is_validation(key, self.settings.seed, self.settings.val_fraction)
 
     def chunks(self, unit: Unit, meter: Meter) -> Iterator[tuple[list[Doc], SourceCounts]]:
         """The unit read, in chunks of cleaned document pieces with their counts."""
@@ -104,18 +93,17 @@ def process_unit(unit: Unit) -> UnitResult:
     for docs, chunk_counts in _worker.chunks(unit, meter):
         counts.add(chunk_counts)
         encodings = _worker.tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
-        pieces += [Piece(_worker.is_validation(d.key), np.array(enc.ids, dtype=_worker.settings.dtype),
+        pieces += [Piece(doc_hash(d.key, _worker.settings.seed), np.array(enc.ids, dtype=_worker.settings.dtype),
                          d.first, d.last) for d, enc in zip(docs, encodings)]
     return UnitResult(unit.index, unit.source, pieces, counts, meter.bytes)
 
 
 def count_unit(unit: Unit) -> tuple[int, dict[str, int], int]:
-    """Worker: the word counts of one unit's train-split documents (for training a vocabulary),
-    and the bytes it read."""
+    """Worker: the word counts of one unit's documents (for training a vocabulary: on every
+    document, since the split is chosen from token counts, after tokenizing), and the bytes it read."""
     meter, counts = Meter(), {}
     for docs, _ in _worker.chunks(unit, meter):
-        add_counts(counts, count_words([d.text for d in docs if not _worker.is_validation(d.key)],
-                                       _worker.settings.cased))
+        add_counts(counts, count_words([d.text for d in docs], _worker.settings.cased))
     return unit.index, counts, meter.bytes
 
 
@@ -147,7 +135,7 @@ def run_ordered(fn: Callable[[Unit], T], units: Iterable[Unit], workers: int,
 def vocabulary_counts(units: list[Unit], workers: int, settings: WorkerSettings,
                       saved: Callable[[int], dict[str, int] | None] = lambda i: None,
                       save: Callable[[int, dict[str, int]], None] | None = None) -> dict[str, int]:
-    """The train split's word counts over units, counted by the workers in parallel (a unit whose
+    """The word counts over units, counted by the workers in parallel (a unit whose
     counts `saved` returns is not read again; `save` keeps each counted unit's)."""
     print(f"counting words in {len(units)} unit(s) for a WordPiece vocabulary", file=sys.stderr)
     total: dict[str, int] = {}

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli, tree_bytes
-from data_prep.build import BuildArgs, build, is_validation
+from data_prep.build import BuildArgs, build
+from data_prep.split import choose_validation, doc_hash
 from data_prep.events import Doc
 from data_prep.sources import iter_documents, parse_spec
 from data_prep.wikitext import WikiCleaner
@@ -58,10 +59,13 @@ def check_round_trip(out: Path, specs: list[str], val_fraction: float, seed: int
     tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     cls, sep, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
     docs = [d for s in specs for d in clean_documents(s)]
+    ids = [tok(text, add_special_tokens=False)["input_ids"] for _, text in docs]
+    hashes = [doc_hash(key, seed) for key, _ in docs]
+    # The split chosen again here from the documents' token counts, as split.py specifies.
+    chosen, _ = choose_validation(np.array(hashes, dtype=np.uint64), np.array([len(i) for i in ids]), val_fraction)
+    chosen = set(chosen.tolist())
     for k, split in enumerate(("train", "validation")):
-        expected = [tok(text, add_special_tokens=False)["input_ids"] for key, text in docs
-                    if is_validation(key, seed, val_fraction) == (split == "validation")]
-        expected = [e for e in expected if e]
+        expected = [e for h, e in zip(hashes, ids) if e and (h in chosen) == (split == "validation")]
         rows, bits = unshuffled(out, split, k, seed)
         if not expected:
             assert len(rows) == 0
@@ -480,7 +484,7 @@ def test_array_unit_files_are_checked_and_computed_again(tmp_path, bert_vocab, c
     units = out / ".array" / "units"
     assert sorted(p.name for p in units.iterdir()) == ["00000000.npz", "00000001.npz", "00000002.npz"]
     with np.load(units / "00000001.npz", allow_pickle=False) as z:
-        assert sorted(z.files) == ["flags", "ids", "lengths", "meta", "sha256"]
+        assert sorted(z.files) == ["docs", "flags", "ids", "lengths", "meta", "sha256"]
     data = (units / "00000001.npz").read_bytes()
     (units / "00000000.npz").write_bytes((units / "00000000.npz").read_bytes()[:300])  # truncated
     flipped = bytearray(data)

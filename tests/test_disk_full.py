@@ -76,6 +76,7 @@ def test_out_of_space_writing_a_data_shard(tmp_path, small_fs, bert_vocab):
     text = tmp_path / "text"
     text.mkdir()
     (text / "a.txt").write_text("The history of the world is long and it has many parts. " * 3000)
+    (text / "b.txt").write_text("A second document, for the validation split. " * 300)
     # A given vocabulary: a trained one may break ties differently in each process
     args = ["--source", f"text:{text}", "--tokenizer", bert_vocab, "--seq-len", "32", "--workers", "1",
             "--val-fraction", "0.1", "--shard-size", "64"]

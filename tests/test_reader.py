@@ -10,7 +10,7 @@ from data_prep.reader import MaskingCollator, PackedDataset, ResumableSampler
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, wiki_dump):
     out = tmp_path_factory.mktemp("reader") / "out"
-    build(BuildArgs(out=out, sources=[f"wikipedia:{wiki_dump}"], workers=2, shard_size=1500,
+    build(BuildArgs(out=out, sources=[f"wikipedia:{wiki_dump}"], workers=2, shard_size=1200,
                     val_fraction=0.05))
     return out
 
@@ -18,7 +18,7 @@ def data(tmp_path_factory, wiki_dump):
 def test_dataset_is_zero_copy_and_spans_shards(data):
     ds = PackedDataset(data, "train")
     assert len(ds.tokens) == 4 and len(ds) == sum(len(t) for t in ds.tokens)
-    row, bits = ds[1500]  # first row of the second shard
+    row, bits = ds[1200]  # first row of the second shard
     assert isinstance(row.base, np.memmap) or isinstance(row, np.memmap)
     assert (row == ds.tokens[1][0]).all() and (bits == ds.bits[1][0]).all()
     with pytest.raises(IndexError):

@@ -132,7 +132,7 @@ def test_prep_data_array_equals_one_machine_build(slurm, tmp_path, wiki_dump):
     assert len(outputs) == 7, outputs  # three tasks twice and the merge, each its own log
     assert sum("pass2" in k for k in outputs) == 3
     merge_log = next(v for k, v in outputs.items() if "merge" in k)
-    assert "packing the array tasks' results" in merge_log, merge_log[-2000:]
+    assert "merging the array tasks' results" in merge_log, merge_log[-2000:]
     assert "the second pass, array job" in "".join(outputs.values())
     assert f"runs after array job {array}" in "".join(outputs.values())
     build(BuildArgs(out=tmp_path / "single", sources=[f"wikipedia:{dump}"], seq_len=64,

@@ -127,29 +127,34 @@ def test_trained_vocabulary_is_the_same_everywhere(tmp_path, inputs, kind):
 
 
 def test_killed_array_tasks_and_merge_resume_identically(tmp_path, inputs, bert_vocab):
-    """kill -9 at random moments of the tasks and of the merge; running each again finishes with
-    the one-machine build's bytes."""
+    """kill -9 at random moments of the tasks (once some of their units are saved) and of the
+    merge; running each again finishes with the one-machine build's bytes."""
     spec, unit_mb = inputs["scan"]
     flags = ["--source", spec, "--tokenizer", str(bert_vocab), "--seq-len", "64", "--val-fraction", "0.1",
              "--unit-mb", str(unit_mb / 4), "--workers", "2"]
     single = tmp_path / "single"
     assert run_cli("-m", "data_prep", "build", *flags, "--out", single).returncode == 0
     out = tmp_path / "array"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DATA_PREP_CHECKPOINT_SECONDS="0.2")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DATA_PREP_CHECKPOINT_SECONDS="0.05")
     rng = random.Random(3)
     kills = 0
-    for extra in (["--task", "0/3"], ["--task", "1/3"], ["--task", "2/3"], []):
+    for extra, sign in ((["--task", "0/3"], "units/*.npz"), (["--task", "1/3"], "units/*.npz"),
+                        (["--task", "2/3"], "units/*.npz"), ([], "../.work/state.json")):
         cmd = [sys.executable, "-m", "data_prep", "build", *flags, "--out", str(out), *extra]
+        before = set((out / ".array").glob(sign))
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-        time.sleep(rng.uniform(1.0, 2.5))
+        deadline = time.time() + 120
+        while p.poll() is None and set((out / ".array").glob(sign)) <= before and time.time() < deadline:
+            time.sleep(0.02)  # until it has saved something: then a kill lands mid-way
+        time.sleep(rng.uniform(0, 0.3))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             kills += 1
         p.wait()
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    assert kills >= 2
+    assert kills >= 3
     assert shards(out) == shards(single)
 
 
