@@ -37,7 +37,7 @@ from .pack import token_dtype
 from .sources import SourceSpec, plan_units
 from .tokenizer import load_saved, load_tokenizer
 from .vocab import add_counts, train_wordpiece
-from .workers import process_unit, run_ordered, vocabulary_counts
+from .workers import Progress, process_unit, run_ordered, vocabulary_counts
 
 ARRAY_DIR = ".array"
 # The unfinished build's own files (OUT/.work/state.json, OUT/.array/): 2 since reader counts and
@@ -220,9 +220,12 @@ def run_task(args: BuildArgs, specs: list[SourceSpec], index: int, count: int) -
         shutil.rmtree(tmp, ignore_errors=True)
     todo = [u for u in mine if not usable(unit_path(arr / "units", u.index), u.index)]
     settings = args.worker_settings(arr / "tokenizer", token_dtype(len(tok)))
+    progress = Progress(f"task {index}/{count}: read, tokenize", len(mine), len(mine) - len(todo))
     for result in run_ordered(process_unit, todo, args.workers, settings):
         write_result(unit_path(arr / "units", result.index), result)
         read += result.bytes_read
+        progress.add_result(result)
+    progress.close()
     # What this run read (an earlier, killed try's units are not read again).
     atomic_write_json(arr / f"task-{index}.json", {"units": len(units), "bytes_read": read,
                                                    "computed": [u.index for u in todo]})

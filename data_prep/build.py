@@ -45,7 +45,7 @@ from .sources import SourceSpec, plan_units
 from .split import choose_validation
 from .tokenizer import TokenizerFiles, check_tokenizer, load_saved, load_tokenizer
 from .vocab import train_wordpiece
-from .workers import process_unit, run_ordered, vocabulary_counts
+from .workers import Progress, process_unit, run_ordered, vocabulary_counts
 
 __all__ = ["BuildArgs", "build"]
 
@@ -191,18 +191,11 @@ class Build:
         else:
             redo = array.units_to_redo(self.out, len(self.units))
             todo = [u for u in self.units if u.index in redo]
-        bar = tqdm(desc="read, tokenize", total=len(self.units), initial=len(self.units) - len(todo),
-                   unit=" units", smoothing=0.05, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-        read = tokens = 0
+        progress = Progress("read, tokenize", len(self.units), len(self.units) - len(todo))
         for result in run_ordered(process_unit, todo, self.args.workers, self._settings()):
             array.write_result(array.unit_path(directory, result.index), result)
-            read += result.bytes_read
-            tokens += sum(len(p.ids) for p in result.pieces)
-            bar.update()
-            elapsed = max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix_str(f"{read / 1e6 / elapsed:,.1f} MB/s read, {tokens / elapsed:,.0f} tokens/s",
-                                refresh=False)
-        bar.close()
+            progress.add_result(result)
+        progress.close()
         self._save(stage="split")
 
     def _result(self, unit) -> UnitResult:

@@ -132,6 +132,31 @@ def run_ordered(fn: Callable[[Unit], T], units: Iterable[Unit], workers: int,
 
 
 
+class Progress:
+    """One tqdm bar over units, with the MB/s read and (when tokenizing) the tokens/s."""
+
+    def __init__(self, desc: str, total: int, done: int = 0):
+        self.bar = tqdm(desc=desc, total=total, initial=done, unit=" units", smoothing=0.05,
+                        file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        self.read = self.tokens = 0
+
+    def add(self, bytes_read: int, tokens: int | None = None) -> None:
+        self.read += bytes_read
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        rates = f"{self.read / 1e6 / elapsed:,.1f} MB/s read"
+        if tokens is not None:
+            self.tokens += tokens
+            rates += f", {self.tokens / elapsed:,.0f} tokens/s"
+        self.bar.update()
+        self.bar.set_postfix_str(rates, refresh=False)
+
+    def add_result(self, result: UnitResult) -> None:
+        self.add(result.bytes_read, sum(len(p.ids) for p in result.pieces))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def vocabulary_counts(units: list[Unit], workers: int, settings: WorkerSettings,
                       saved: Callable[[int], dict[str, int] | None] = lambda i: None,
                       save: Callable[[int, dict[str, int]], None] | None = None) -> dict[str, int]:
@@ -146,15 +171,11 @@ def vocabulary_counts(units: list[Unit], workers: int, settings: WorkerSettings,
             todo.append(u)
         else:
             add_counts(total, counts)
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="count words", unit=" units",
-               file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-    read = 0
+    progress = Progress("count words", len(units), len(units) - len(todo))
     for index, counts, nbytes in run_ordered(count_unit, todo, workers, settings):
         if save is not None:
             save(index, counts)
         add_counts(total, counts)
-        read += nbytes
-        bar.update()
-        bar.set_postfix_str(f"{read / 1e6 / max(bar.format_dict['elapsed'], 1e-9):,.1f} MB/s", refresh=False)
-    bar.close()
+        progress.add(nbytes)
+    progress.close()
     return total
