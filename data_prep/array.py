@@ -193,18 +193,18 @@ def run_task(args: BuildArgs, specs: list[SourceSpec], index: int, count: int) -
     elif (arr / "tokenizer").is_dir():
         tok = load_saved(arr / "tokenizer")
     else:
-        vocabulary_counts(mine, args.workers, args.worker_settings(),
-                          saved=lambda i: read_counts(_counts_path(arr, i), i),
-                          save=lambda i, c: write_counts(_counts_path(arr, i), i, c))
-        missing = [u.index for u in units if not _counts_path(arr, u.index).exists()]
+        total = vocabulary_counts(mine, args.workers, args.worker_settings(),
+                                  saved=lambda i: read_counts(_counts_path(arr, i), i),
+                                  save=lambda i, c: write_counts(_counts_path(arr, i), i, c))
+        others = [u for u in units if u.index % count != index]
+        missing = [u.index for u in others if not _counts_path(arr, u.index).exists()]
         if missing:
             print(f"{out}: task {index}/{count}: its {len(mine)} unit(s) counted; {len(missing)} unit(s) "
                   "of other tasks are not yet: run the tasks again once all have counted "
                   "(slurm/prep_data.sh submits that second pass) to train the vocabulary and tokenize",
                   file=sys.stderr)
             return
-        total: dict[str, int] = {}
-        for u in units:
+        for u in others:
             c = read_counts(_counts_path(arr, u.index), u.index)
             if c is None:
                 raise UserError(f"{_counts_path(arr, u.index)}: unit {u.index}'s word counts went bad: "
@@ -233,16 +233,22 @@ def run_task(args: BuildArgs, specs: list[SourceSpec], index: int, count: int) -
           f"({read / 1e6:,.1f} MB read) of {len(units)} in all", file=sys.stderr)
 
 
+def _recorded(out: Path, recorded_args: dict) -> dict | None:
+    """OUT/.array/args.json if array tasks of this format ran there with these arguments."""
+    try:
+        recorded = json.loads((out / ARRAY_DIR / "args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if recorded.get("args") != recorded_args or recorded.get("work_format") != WORK_FORMAT:
+        return None  # an older data_prep's results: the merge computes the units itself
+    return recorded
+
+
 def ready(out: Path, recorded_args: dict) -> bool:
     """OUT holds array results made with these (recorded) arguments, every task finished."""
-    arr = out / ARRAY_DIR
-    try:
-        recorded = json.loads((arr / "args.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if recorded.get("args") != recorded_args or recorded.get("work_format") != WORK_FORMAT:
-        return False  # an older data_prep's results: the merge computes the units itself
-    return all((arr / f"task-{i}.json").exists() for i in range(recorded["tasks"]))
+    recorded = _recorded(out, recorded_args)
+    return recorded is not None and all((out / ARRAY_DIR / f"task-{i}.json").exists()
+                                        for i in range(recorded["tasks"]))
 
 
 def saved_tokenizer(out: Path) -> Path:
@@ -251,14 +257,9 @@ def saved_tokenizer(out: Path) -> Path:
 
 def saved_counts(out: Path, recorded_args: dict, index: int) -> dict[str, int] | None:
     """Unit `index`'s word counts if array tasks with these arguments counted it, else None."""
-    arr = out / ARRAY_DIR
-    try:
-        recorded = json.loads((arr / "args.json").read_text())
-    except (OSError, ValueError):
+    if _recorded(out, recorded_args) is None:
         return None
-    if recorded.get("args") != recorded_args or recorded.get("work_format") != WORK_FORMAT:
-        return None
-    return read_counts(_counts_path(arr, index), index)
+    return read_counts(_counts_path(out / ARRAY_DIR, index), index)
 
 
 def units_to_redo(out: Path, total: int) -> set[int]:

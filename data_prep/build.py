@@ -94,6 +94,9 @@ class Build:
             self.ids = tok.special_ids()
             self.special_strings = tok.special
             self.dtype = token_dtype(self.vocab_size)
+            # Where the units' results are: the array tasks' when they all finished, else our own.
+            self.units_dir = (array.units_dir(self.out) if array.ready(self.out, self.args.recorded())
+                              else self.work / "units")
             if self.state["stage"] == "units":
                 self._tokenize()
             if self.state["stage"] == "split":
@@ -174,11 +177,6 @@ class Build:
         return tok
 
     # -- stage 2
-    @property
-    def units_dir(self) -> Path:
-        """Where the units' results are: the array tasks' when they all finished, else our own."""
-        return array.units_dir(self.out) if array.ready(self.out, self.args.recorded()) else self.work / "units"
-
     def _settings(self):
         return self.args.worker_settings(self.work / "tokenizer", self.dtype)
 

@@ -24,8 +24,6 @@ from .wikidump import dump_header, is_wiki_dump, wiki_dump, wiki_page, wiki_page
 
 KINDS = ("wikipedia", "text", "jsonl", "hf")
 
-READ_BLOCK = 1 << 20
-
 
 @dataclass(frozen=True)
 class SourceSpec:
@@ -90,20 +88,13 @@ def read_unit(unit: Unit, spec: SourceSpec, meter: Meter) -> Iterator[Event]:
             yield from wiki_dump(open_metered(path, meter), path)
         else:
             yield from wiki_pages(bz2_lines(path, unit, meter), path, unit.non_prose)
-    elif unit.kind == "file":
-        with open_metered(path, meter) as f:
-            blocks = iter(lambda: f.read(READ_BLOCK), b"")
-            if spec.kind == "text":
-                yield from _text(_key(path, spec.target), blocks, True, True)
-            else:
-                yield from _jsonl(_name(path, spec.target), blocks, 0)
     else:
-        a, b = line_range(path, unit, meter)
+        a, b = (unit.start, unit.end) if unit.kind == "file" else line_range(path, unit, meter)
         blocks = byte_blocks(path, a, b, meter)
         if spec.kind == "text":
             yield from _text(_key(path, spec.target), blocks, unit.part == 0, unit.part == unit.parts - 1)
         else:
-            yield from _jsonl(_name(path, spec.target), blocks, a)
+            yield from _jsonl(_key(path, spec.target), blocks, a)
 
 
 def iter_source(spec: SourceSpec, unit_bytes: int = 1 << 62) -> Iterator[Event]:
@@ -132,9 +123,6 @@ def source_files(src: SourceSpec) -> list[Path]:
 
 def _key(path: Path, root: str) -> str:
     return str(path.relative_to(root)) if Path(root).is_dir() else path.name
-
-
-_name = _key
 
 
 def _files(target: str, accept, what: str) -> list[Path]:

@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What every worker process starts with; the same for every chunk of a stage."""
+    """What every worker process starts with; the same for every unit of a stage."""
     specs: tuple[SourceSpec, ...]
     """The --source specs (a unit names its source by index)."""
     seed: int
@@ -128,8 +128,6 @@ def run_ordered(fn: Callable[[Unit], T], units: Iterable[Unit], workers: int,
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
-
-
 
 
 class Progress:
